@@ -1,0 +1,29 @@
+"""ldm-diffusers: Latent Diffusion Models (Rombach et al. 2022) on top of Hugging Face diffusers."""
+
+__version__ = "0.1.0"
+
+# diffusers' loaders look up base classes such as ModelMixin on the component's library module
+# (``getattr(library, "ModelMixin")``), so the top-level package exposes them.
+from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
+
+from .models import (
+    LDMAutoencoderKL,
+    LDMVQModel,
+    VQAutoencoderOutput,
+    VQQuantizerOutput,
+    estimate_scaling_factor,
+    load_autoencoder,
+)
+
+__all__ = [
+    "ConfigMixin",
+    "DiffusionPipeline",
+    "LDMAutoencoderKL",
+    "LDMVQModel",
+    "ModelMixin",
+    "SchedulerMixin",
+    "VQAutoencoderOutput",
+    "VQQuantizerOutput",
+    "estimate_scaling_factor",
+    "load_autoencoder",
+]

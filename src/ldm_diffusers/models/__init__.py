@@ -1,0 +1,19 @@
+"""Models: the stage-1 autoencoders (and, later, the latent-diffusion UNet)."""
+
+from .autoencoders import (
+    LDMAutoencoderKL,
+    LDMVQModel,
+    VQAutoencoderOutput,
+    VQQuantizerOutput,
+    estimate_scaling_factor,
+    load_autoencoder,
+)
+
+__all__ = [
+    "LDMAutoencoderKL",
+    "LDMVQModel",
+    "VQAutoencoderOutput",
+    "VQQuantizerOutput",
+    "estimate_scaling_factor",
+    "load_autoencoder",
+]

@@ -1,0 +1,1 @@
+"""Small shared helpers: safe checkpoint loading and atomic writes."""

@@ -1,0 +1,119 @@
+"""Safe loading of model folders and atomic writes of training state.
+
+diffusers' loaders fall back to pickle ``.bin`` files and surface a corrupt safetensors file as a
+bare deserialisation error; these helpers refuse pickles and say what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from safetensors import safe_open
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A model folder or training checkpoint that cannot be loaded safely."""
+
+
+def _local_folder(path, subfolder=None) -> Path | None:
+    folder = Path(path)
+    if subfolder:
+        folder = folder / subfolder
+    return folder if Path(path).is_dir() else None
+
+
+def read_config(path, subfolder=None) -> dict:
+    folder = _local_folder(path, subfolder)
+    if folder is None:
+        from huggingface_hub import hf_hub_download
+
+        filename = f"{subfolder}/config.json" if subfolder else "config.json"
+        return json.loads(Path(hf_hub_download(str(path), filename)).read_text())
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"No config.json in '{folder}'. Save the model with `save_pretrained(folder)` first.")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"'{config_file}' is not valid JSON ({err}); re-save the model.") from err
+
+
+def check_safetensors_file(file: Path) -> None:
+    """Raise CheckpointError unless ``file`` has a readable safetensors header."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # safetensors raises its own error type for every header problem
+        raise CheckpointError(
+            f"'{file}' is not a valid safetensors file ({err}). The file is corrupt or truncated; "
+            "re-save the model with `save_pretrained` or copy the file again."
+        ) from err
+
+
+def check_model_folder(path, subfolder=None) -> None:
+    """For a local folder: config present, weights present as safetensors, headers readable."""
+    folder = _local_folder(path, subfolder)
+    if folder is None:
+        return
+    if not folder.is_dir():
+        raise CheckpointError(f"'{folder}' does not exist; check the path and `subfolder=`.")
+    read_config(path, subfolder)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"'{folder}' holds only pickle checkpoints ({', '.join(pickles)}). ldm-diffusers loads safetensors "
+                "only, since unpickling can run arbitrary code. If you trust the file, convert it once: load it with "
+                "the stock diffusers class and call `save_pretrained(folder, safe_serialization=True)`."
+            )
+        raise CheckpointError(
+            f"No weights in '{folder}': expected diffusion_pytorch_model.safetensors next to config.json."
+        )
+    for file in weights:
+        check_safetensors_file(file)
+
+
+def safe_from_pretrained(loader, pretrained_model_name_or_path, **kwargs):
+    """Call ``loader.from_pretrained`` (a class or ``super()``) with safetensors only and checked files."""
+    check_model_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
+    kwargs.setdefault("use_safetensors", True)
+    try:
+        return loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    except Exception as err:
+        if "safetensors" in type(err).__module__ or "deserializ" in str(err).lower():
+            raise CheckpointError(
+                f"Could not read the weights of '{pretrained_model_name_or_path}': {err}. "
+                "The safetensors file is corrupt; re-save the model."
+            ) from err
+        raise
+
+
+def atomic_directory(final_dir: str | os.PathLike) -> Path:
+    """A temporary sibling folder to write into; publish it with :func:`publish_directory`."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_directory(tmp_dir: Path, final_dir: str | os.PathLike) -> None:
+    """Move a fully written folder into place; an older folder of the same name is replaced whole."""
+    final_dir = Path(final_dir)
+    for file in tmp_dir.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final_dir.exists():
+        old = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp_dir, final_dir)
