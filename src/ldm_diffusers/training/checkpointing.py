@@ -1,0 +1,83 @@
+"""Atomic training checkpoints on top of ``accelerate``'s ``save_state`` / ``load_state``.
+
+A checkpoint is the folder ``<output_dir>/checkpoint-<step>`` holding accelerate's state (models as
+safetensors, optimisers, LR schedulers, RNG states, registered objects such as EMA) and
+``training_state.json`` (global step, epoch, batches consumed in that epoch). It is written into a
+hidden temporary folder and renamed into place, so a crash mid-write never leaves a half checkpoint
+that ``--resume_from_checkpoint latest`` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from ..utils.checkpoints import publish_directory
+
+STATE_FILE = "training_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
+    """``"latest"`` -> newest checkpoint in ``output_dir`` (None if there is none); a name or path -> that folder."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_absolute() and not path.exists():
+        path = Path(output_dir) / resume_from_checkpoint
+    if not (path / STATE_FILE).is_file():
+        available = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
+        raise FileNotFoundError(
+            f"'{resume_from_checkpoint}' is not a complete checkpoint (no {STATE_FILE}). "
+            f"Checkpoints in '{output_dir}': {available}. Use --resume_from_checkpoint latest."
+        )
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, state: dict, total_limit: int | None = None) -> Path | None:
+    """Write ``checkpoint-<state['global_step']>`` atomically; keep at most ``total_limit`` checkpoints.
+
+    Call on every process (accelerate gathers what it needs); only the main process writes."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{state['global_step']}"
+    # One temporary folder for all processes: accelerate writes each process's RNG state there.
+    tmp = output_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash during an earlier save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        publish_directory(tmp, final)
+        if total_limit is not None and total_limit > 0:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final if accelerator.is_main_process else None
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict:
+    """Restore accelerate's state from ``checkpoint`` and return its training_state.json."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())

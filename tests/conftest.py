@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_kl(f: int = 4, **kwargs):
+    from ldm_diffusers import LDMAutoencoderKL
+
+    return LDMAutoencoderKL.from_downsampling_factor(
+        f, base_channels=8, channel_multipliers=[1] * (f.bit_length()), layers_per_block=1, norm_num_groups=4,
+        sample_size=32, **kwargs,
+    )
+
+
+def tiny_vq(f: int = 4, **kwargs):
+    from ldm_diffusers import LDMVQModel
+
+    kwargs.setdefault("num_vq_embeddings", 32)
+    kwargs.setdefault("vq_embed_dim", 4)
+    return LDMVQModel.from_downsampling_factor(
+        f, base_channels=8, channel_multipliers=[1] * (f.bit_length()), layers_per_block=1, norm_num_groups=4,
+        sample_size=32, **kwargs,
+    )
+
+
+@pytest.fixture(scope="session")
+def emoji16(tmp_path_factory):
+    """The real built-in dataset at 16x16 (renders in a few seconds)."""
+    from ldm_diffusers.data import build_emoji_dataset
+
+    return build_emoji_dataset(tmp_path_factory.mktemp("data") / "emoji16", resolution=16)
