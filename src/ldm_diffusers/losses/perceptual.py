@@ -136,11 +136,14 @@ class EfficientNetPerceptualLoss(FeatureDistance):
     """Feature distance on ImageNet-pretrained EfficientNet-Lite0 (offline default; not LPIPS).
 
     Taps the stem and the end of each resolution stage (strides 2, 4, 8, 16, 32). Inputs in [-1, 1],
-    which is the Lite models' input range (mean 127, std 128 on 0..255 pixels).
+    which is the Lite models' input range (mean 127, std 128 on 0..255 pixels). Images smaller than
+    ``min_size`` are upsampled bilinearly first, since the stride-32 network needs room for its 5x5
+    kernels.
     """
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, pretrained: bool = True, min_size: int = 64):
         super().__init__(None)
+        self.min_size = min_size
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as err:  # pragma: no cover - dependency of the package
@@ -162,6 +165,9 @@ class EfficientNetPerceptualLoss(FeatureDistance):
 
     def features(self, x):
         net = self.net
+        if min(x.shape[-2:]) < self.min_size:
+            scale = self.min_size / min(x.shape[-2:])
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
         x = net._swish(net._bn0(net._conv_stem(x)))
         taps = [x]
         for i, block in enumerate(net._blocks):

@@ -216,6 +216,9 @@ def train(args: argparse.Namespace) -> dict:
     train_dl = torch.utils.data.DataLoader(
         train_ds, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_pixels,
         num_workers=args.dataloader_num_workers, drop_last=len(train_ds) >= args.train_batch_size,
+        # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the
+        # global RNG instead would shift the random stream on resume (the RNG state is checkpointed).
+        generator=torch.Generator().manual_seed(args.seed),
     )
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels)
 

@@ -1,0 +1,110 @@
+"""The stage-1 training script, run in-process on the real emoji data at 16x16 with tiny models."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm_diffusers import LDMAutoencoderKL, LDMVQModel, load_autoencoder
+from ldm_diffusers.training.autoencoder import _check_finite, main, parse_args
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def tiny_args(data_dir, out, *extra):
+    return [
+        "--train_data_dir", str(data_dir), "--resolution", "16", "--output_dir", str(out),
+        "--base_channels", "8", "--norm_num_groups", "4", "--disc_channels", "8", "--disc_layers", "2",
+        "--train_batch_size", "4", "--max_train_samples", "8", "--num_validation_images", "4",
+        "--max_eval_samples", "8", "--scaling_factor_samples", "8", "--logging_steps", "1", "--seed", "3",
+        *extra,
+    ]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("regularization", ["kl", "vq"])
+def test_reconstruction_loss_falls_on_a_fixed_batch(emoji16, tmp_path, regularization):
+    out = tmp_path / regularization
+    results = main(tiny_args(
+        emoji16, out, "--regularization", regularization, "-f", "2", "--max_train_samples", "4",
+        "--max_train_steps", "40", "--learning_rate", "2e-3", "--disc_start", "30", "--checkpointing_steps", "100",
+        "--validation_steps", "20", "--skip_rfid", "--num_vq_embeddings", "16",
+    ))
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first = sum(r["rec_loss"] for r in log[:5]) / 5
+    last = sum(r["rec_loss"] for r in log[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert "disc_loss" in log[-1] and "disc_loss" not in log[10]  # discriminator switched on at step 30
+    assert "kl_loss" in log[0] if regularization == "kl" else "perplexity" in log[0]
+    # outputs: model with an estimated scaling factor, grids, metrics, tensorboard events
+    model = load_autoencoder(out)
+    assert isinstance(model, LDMVQModel if regularization == "vq" else LDMAutoencoderKL)
+    assert model.config.scaling_factor == pytest.approx(results["scaling_factor"])
+    assert model.config.scaling_factor not in (1.0, 0.18215)
+    assert (out / "validation" / "reconstructions-000020.png").is_file()
+    assert json.loads((out / "eval_results.json").read_text())["psnr"] == pytest.approx(results["psnr"])
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("regularization", ["kl", "vq"])
+def test_resume_equals_uninterrupted_run(emoji16, tmp_path, regularization):
+    common = ["--regularization", regularization, "-f", "2", "--disc_start", "2", "--use_ema", "--perceptual_loss",
+              "none", "--skip_rfid", "--checkpointing_steps", "3", "--validation_steps", "0", "--report_to", "none",
+              "--num_vq_embeddings", "16", "--max_train_samples", "12"]
+    straight = tmp_path / "straight"
+    main(tiny_args(emoji16, straight, *common, "--max_train_steps", "7"))
+    resumed = tmp_path / "resumed"
+    main(tiny_args(emoji16, resumed, *common, "--max_train_steps", "4"))  # stops mid-epoch (3 batches/epoch)
+    main(tiny_args(emoji16, resumed, *common, "--max_train_steps", "7", "--resume_from_checkpoint", "latest"))
+    state = json.loads((resumed / "checkpoint-4" / "training_state.json").read_text())
+    assert state == {"global_step": 4, "epoch": 1, "batches_in_epoch": 1}
+    for name in ("model.safetensors", "model_1.safetensors"):  # autoencoder, discriminator
+        a, b = _weights(straight / "checkpoint-7" / name), _weights(resumed / "checkpoint-7" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}:{key}")
+    a, b = _weights(straight / "diffusion_pytorch_model.safetensors"), _weights(resumed / "diffusion_pytorch_model.safetensors")
+    for key in a:  # final (EMA) weights
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    log_a, log_b = read_log(straight), read_log(resumed)
+    assert [r["step"] for r in log_b] == list(range(1, 8))
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+
+
+def test_checkpoint_limit_and_no_partial_checkpoints(emoji16, tmp_path):
+    out = tmp_path / "run"
+    main(tiny_args(emoji16, out, "-f", "2", "--max_train_steps", "5", "--checkpointing_steps", "1",
+                   "--checkpoints_total_limit", "2", "--perceptual_loss", "none", "--skip_rfid",
+                   "--validation_steps", "0", "--report_to", "none"))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-5"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_arguments_give_clear_errors(emoji16, tmp_path):
+    with pytest.raises(SystemExit, match="not divisible"):
+        parse_args(["--resolution", "20", "-f", "8"])
+    with pytest.raises(FileNotFoundError, match="train_data_dir"):
+        main(tiny_args(tmp_path / "missing", tmp_path / "o", "--max_train_steps", "1"))
+    with pytest.raises(FileNotFoundError, match="Use --resume_from_checkpoint latest"):
+        main(tiny_args(emoji16, tmp_path / "o2", "--max_train_steps", "1", "--perceptual_loss", "none",
+                       "--resume_from_checkpoint", "checkpoint-99"))
+    with pytest.raises(FloatingPointError, match="--learning_rate"):
+        _check_finite(torch.tensor(float("nan")), "The autoencoder loss", 12)
