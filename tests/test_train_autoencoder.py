@@ -124,3 +124,9 @@ def test_gradient_accumulation_matches_the_full_batch(emoji16, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
     log_a, log_b = read_log(tmp_path / "full"), read_log(tmp_path / "accum")
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == [1, 2, 3]
+
+
+def test_perceptual_weight_default_depends_on_the_backbone():
+    assert parse_args([]).perceptual_weight == 0.05
+    assert parse_args(["--perceptual_loss", "lpips"]).perceptual_weight == 1.0
+    assert parse_args(["--perceptual_weight", "0.3"]).perceptual_weight == 0.3

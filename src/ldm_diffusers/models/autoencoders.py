@@ -56,6 +56,33 @@ class _LDMAutoencoderMixin:
         """Like diffusers' ``from_pretrained`` but safetensors-only, with clear errors for bad checkpoints."""
         return safe_from_pretrained(super(), pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def from_downsampling_factor(
+        cls,
+        downsampling_factor: int = 4,
+        latent_channels: int = 3,
+        base_channels: int = 128,
+        channel_multipliers: Iterable[int] | None = None,
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        sample_size: int = 256,
+        **kwargs,
+    ):
+        """Build an autoencoder with ``f = downsampling_factor`` (1, 2, 4, 8, 16 or 32): m + 1 resolution
+        levels of width ``base_channels * channel_multipliers[i]`` (default multipliers 1, 2, 4, 4, ...).
+        Other keyword arguments go to the constructor (e.g. ``num_vq_embeddings``, ``vq_embed_dim``, ``beta``)."""
+        down, up, widths = _block_layout(downsampling_factor, base_channels, channel_multipliers)
+        return cls(
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=widths,
+            layers_per_block=layers_per_block,
+            latent_channels=latent_channels,
+            norm_num_groups=norm_num_groups,
+            sample_size=sample_size,
+            **kwargs,
+        )
+
     @property
     def downsampling_factor(self) -> int:
         """f: the ratio between image and latent side lengths."""
@@ -141,31 +168,6 @@ class LDMAutoencoderKL(_LDMAutoencoderMixin, AutoencoderKL):
             use_quant_conv=use_quant_conv,
             use_post_quant_conv=use_post_quant_conv,
             mid_block_add_attention=mid_block_add_attention,
-        )
-
-    @classmethod
-    def from_downsampling_factor(
-        cls,
-        downsampling_factor: int = 8,
-        latent_channels: int = 4,
-        base_channels: int = 128,
-        channel_multipliers: Iterable[int] | None = None,
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        sample_size: int = 256,
-        **kwargs,
-    ) -> "LDMAutoencoderKL":
-        """Build a KL autoencoder with ``f = downsampling_factor`` (1, 2, 4, 8, 16 or 32)."""
-        down, up, widths = _block_layout(downsampling_factor, base_channels, channel_multipliers)
-        return cls(
-            down_block_types=down,
-            up_block_types=up,
-            block_out_channels=widths,
-            layers_per_block=layers_per_block,
-            latent_channels=latent_channels,
-            norm_num_groups=norm_num_groups,
-            sample_size=sample_size,
-            **kwargs,
         )
 
     @property
@@ -289,35 +291,6 @@ class LDMVQModel(_LDMAutoencoderMixin, VQModel):
             mid_block_add_attention=mid_block_add_attention,
             lookup_from_codebook=lookup_from_codebook,
             force_upcast=force_upcast,
-        )
-
-    @classmethod
-    def from_downsampling_factor(
-        cls,
-        downsampling_factor: int = 4,
-        latent_channels: int = 3,
-        num_vq_embeddings: int = 8192,
-        vq_embed_dim: int | None = None,
-        base_channels: int = 128,
-        channel_multipliers: Iterable[int] | None = None,
-        layers_per_block: int = 2,
-        norm_num_groups: int = 32,
-        sample_size: int = 256,
-        **kwargs,
-    ) -> "LDMVQModel":
-        """Build a VQ autoencoder with ``f = downsampling_factor`` and a codebook of the given size."""
-        down, up, widths = _block_layout(downsampling_factor, base_channels, channel_multipliers)
-        return cls(
-            down_block_types=down,
-            up_block_types=up,
-            block_out_channels=widths,
-            layers_per_block=layers_per_block,
-            latent_channels=latent_channels,
-            num_vq_embeddings=num_vq_embeddings,
-            vq_embed_dim=vq_embed_dim,
-            norm_num_groups=norm_num_groups,
-            sample_size=sample_size,
-            **kwargs,
         )
 
     @property
