@@ -57,7 +57,12 @@ def test_reconstruction_loss_falls_on_a_fixed_batch(emoji16, tmp_path, regulariz
     assert model.config.scaling_factor not in (1.0, 0.18215)
     assert (out / "validation" / "reconstructions-000020.png").is_file()
     assert json.loads((out / "eval_results.json").read_text())["psnr"] == pytest.approx(results["psnr"])
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert "validation/reconstructions" in events.Tags()["images"]
+    assert "rec_loss" in events.Tags()["scalars"] and "eval/psnr" in events.Tags()["scalars"]
 
 
 def _weights(path):
