@@ -9,14 +9,23 @@ from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin, SchedulerMixin
 from .models import (
     KLAutoencoderOutput,
     LDMAutoencoderKL,
+    LDMUNet2DConditionModel,
     LDMVQModel,
     VQAutoencoderOutput,
     VQQuantizerOutput,
     estimate_scaling_factor,
     load_autoencoder,
 )
+from .conditioning import ClassEmbedder
+from .pipelines import LDMPipeline
+from .schedulers import ldm_scheduler, switch_sampler
 
 __all__ = [
+    "ClassEmbedder",
+    "LDMPipeline",
+    "LDMUNet2DConditionModel",
+    "ldm_scheduler",
+    "switch_sampler",
     "KLAutoencoderOutput",
     "ConfigMixin",
     "DiffusionPipeline",

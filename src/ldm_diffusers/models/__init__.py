@@ -9,8 +9,10 @@ from .autoencoders import (
     estimate_scaling_factor,
     load_autoencoder,
 )
+from .unet import LDMUNet2DConditionModel
 
 __all__ = [
+    "LDMUNet2DConditionModel",
     "KLAutoencoderOutput",
     "LDMAutoencoderKL",
     "LDMVQModel",

