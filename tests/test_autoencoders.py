@@ -153,3 +153,22 @@ def test_corrupt_pickle_and_missing_checkpoints_give_clear_errors(tmp_path):
 
     # the good folder still loads
     assert isinstance(LDMAutoencoderKL.from_pretrained(good), LDMAutoencoderKL)
+
+
+def test_latent_scaling_factor_never_gives_a_vq_model_stable_diffusions_value(tmp_path):
+    from ldm_diffusers.models.autoencoders import latent_scaling_factor
+
+    vq = tiny_vq()
+    vq.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["scaling_factor"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    stock = VQModel.from_pretrained(tmp_path)
+    assert stock.config.scaling_factor == 0.18215  # diffusers' default ...
+    assert latent_scaling_factor(stock) == 1.0  # ... is not used for decoding
+    config["scaling_factor"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert latent_scaling_factor(VQModel.from_pretrained(tmp_path)) == 0.5
+    kl = tiny_kl()
+    kl.register_to_config(scaling_factor=0.3)
+    assert latent_scaling_factor(kl) == 0.3

@@ -389,6 +389,19 @@ def estimate_scaling_factor(
     return factor
 
 
+def latent_scaling_factor(autoencoder) -> float:
+    """The factor that maps the autoencoder's latents to unit variance for the diffusion model.
+
+    A VQ model whose config never set ``scaling_factor`` (CompVis-era folders, or a stock
+    ``VQModel`` built with defaults) gets 1.0, as CompVis VQ LDMs use, not diffusers' default 0.18215,
+    which is Stable Diffusion's KL value.
+    """
+    config = autoencoder.config
+    if "num_vq_embeddings" in config and "scaling_factor" in (config.get("_use_default_values") or []):
+        return 1.0
+    return float(config.scaling_factor)
+
+
 def load_autoencoder(path: str | os.PathLike, **kwargs) -> LDMAutoencoderKL | LDMVQModel:
     """Load a saved KL or VQ autoencoder folder, picking the class from its config."""
 
@@ -407,5 +420,6 @@ __all__ = [
     "DecoderOutput",
     "DiagonalGaussianDistribution",
     "estimate_scaling_factor",
+    "latent_scaling_factor",
     "load_autoencoder",
 ]

@@ -23,6 +23,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..conditioning.text import encode_prompts
+from ..models.autoencoders import latent_scaling_factor
 
 LIBRARY = "ldm_diffusers"
 
@@ -116,7 +117,7 @@ class LDMPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """x = D(z / scaling_factor): images [B, 3, H, W] in about [-1, 1]. VQ models quantise in ``decode``."""
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return self.vae.decode(latents / latent_scaling_factor(self.vae)).sample
 
     @torch.no_grad()
     def __call__(
