@@ -122,10 +122,11 @@ def test_modes_shapes_ranges_and_seeds(mode, vae):
     pipe = make_pipe(mode, vae)
     kwargs = {"unconditional": {"batch_size": 2}, "class": {"class_labels": [0, 4]},
               "prompt": {"prompt": ["an emoji of a cat", "an emoji of a dog"]}}[mode]
-    a = run(pipe, **kwargs, guidance_scale=2.0)
+    gs = 1.0 if mode == "unconditional" else 2.0
+    a = run(pipe, **kwargs, guidance_scale=gs)
     assert a.shape == (2, 32, 32, 3) and a.min() >= 0 and a.max() <= 1
-    np.testing.assert_array_equal(a, run(pipe, **kwargs, guidance_scale=2.0))
-    assert not np.array_equal(a, run(pipe, seed=1, **kwargs, guidance_scale=2.0))
+    np.testing.assert_array_equal(a, run(pipe, **kwargs, guidance_scale=gs))
+    assert not np.array_equal(a, run(pipe, seed=1, **kwargs, guidance_scale=gs))
     pil = pipe(**kwargs, num_inference_steps=2, num_images_per_prompt=2).images
     assert len(pil) == 4 and pil[0].size == (32, 32)
     latents = pipe(**kwargs, num_inference_steps=2, output_type="latent").images
@@ -170,7 +171,8 @@ def test_callback_on_step_end_sees_and_can_replace_latents():
 def test_save_load_round_trip_gives_identical_images(tmp_path, mode):
     pipe = make_pipe(mode)
     kwargs = {"class": {"class_labels": [2]}, "prompt": {"prompt": "an emoji of a cat"}, "unconditional": {}}[mode]
-    ref = run(pipe, **kwargs, guidance_scale=2.0)
+    kwargs["guidance_scale"] = 1.0 if mode == "unconditional" else 2.0
+    ref = run(pipe, **kwargs)
     pipe.save_pretrained(tmp_path)
     index = (tmp_path / "model_index.json").read_text()
     assert '"ldm_diffusers",\n    "LDMUNet2DConditionModel"' in index or '["ldm_diffusers", "LDMUNet2DConditionModel"]' in index
@@ -182,7 +184,7 @@ def test_save_load_round_trip_gives_identical_images(tmp_path, mode):
             for key, value in getattr(pipe, name).state_dict().items():
                 torch.testing.assert_close(getattr(loaded, name).state_dict()[key], value, rtol=0, atol=0)
     # identical weights; CPU kernels may round the last bit differently between module instances
-    np.testing.assert_allclose(run(loaded, **kwargs, guidance_scale=2.0), ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(run(loaded, **kwargs), ref, rtol=0, atol=1e-5)
 
 
 def test_bad_inputs_give_clear_errors():
@@ -204,3 +206,109 @@ def test_bad_inputs_give_clear_errors():
         pipe(prompt="a", class_labels=[1])
     with pytest.raises(ValueError, match=r"Unknown class id\(s\) \[7\]"):
         pipe(class_labels=[7])
+
+
+# -- layout and spatial modes -------------------------------------------------------------------------
+from PIL import Image  # noqa: E402
+
+from ldm_diffusers import LayoutEncoder  # noqa: E402
+
+BOXES = [(1, (0.1, 0.1, 0.5, 0.6)), (3, (0.4, 0.2, 0.9, 0.9))]
+
+
+def concat_pipe(concat_channels, vae="kl"):
+    torch.manual_seed(0)
+    ae = tiny_kl(4, latent_channels=3) if vae == "kl" else tiny_vq(4, latent_channels=3, vq_embed_dim=3)
+    pipe = LDMPipeline(vae=ae, unet=tiny_unet(context_dim=None, concat_channels=concat_channels),
+                       scheduler=ldm_scheduler("ddim", "unconditional"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_layout_encoder_tokens_and_validation():
+    enc = LayoutEncoder(num_classes=5, context_dim=16, max_objects=4, num_bins=8, depth=1, num_heads=2)
+    classes, bins = enc.tokenize([BOXES])
+    assert classes[0].tolist() == [1, 3, 5, 5]  # padded with the pad class
+    assert bins[0, 0].tolist() == [1, 1, 4, 4]  # round(0.1 * 7), round(0.5 * 7) ...
+    tokens = enc([BOXES, []])
+    assert tokens.shape == (2, 4, 16)
+    torch.testing.assert_close(tokens[1:], enc.null(1))
+    assert not torch.allclose(tokens[0], tokens[1])
+    moved = enc([[(1, (0.5, 0.1, 0.9, 0.6)), BOXES[1]]])
+    assert not torch.allclose(moved, tokens[:1])  # the box position matters
+    with pytest.raises(ValueError, match="Unknown layout class id 9"):
+        enc([[(9, (0, 0, 1, 1))]])
+    with pytest.raises(ValueError, match="0 <= x0 <= x1 <= 1"):
+        enc([[(1, (0.5, 0, 0.2, 1))]])
+    with pytest.raises(ValueError, match="at most 4"):
+        enc([[(1, (0, 0, 1, 1))] * 5])
+
+
+def test_layout_to_image_mode(tmp_path):
+    torch.manual_seed(0)
+    pipe = LDMPipeline(vae=tiny_kl(4, latent_channels=3), unet=tiny_unet(context_dim=16),
+                       scheduler=ldm_scheduler("ddim", "class"),
+                       layout_encoder=LayoutEncoder(num_classes=5, context_dim=16, max_objects=4, depth=1, num_heads=2))
+    pipe.set_progress_bar_config(disable=True)
+    one = run(pipe, layout=BOXES, guidance_scale=2.0)
+    assert one.shape == (1, 32, 32, 3)
+    two = run(pipe, layout=[BOXES, BOXES[:1]], guidance_scale=2.0)
+    assert two.shape == (2, 32, 32, 3)
+    pipe.save_pretrained(tmp_path)
+    loaded = LDMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.layout_encoder, LayoutEncoder)
+    np.testing.assert_allclose(run(loaded, layout=BOXES, guidance_scale=2.0), one, atol=1e-5)
+
+
+def test_super_resolution_mode_upsamples_by_f():
+    pipe = concat_pipe(3)
+    low = Image.new("RGB", (8, 6), (200, 30, 30))
+    out = run(pipe, image=low)
+    assert out.shape == (1, 24, 32, 3)  # 6x8 low-res -> (6*4)x(8*4)
+    low_tensor = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert run(pipe, image=low_tensor).shape == (2, 32, 32, 3)
+    different = run(pipe, image=torch.zeros(2, 3, 8, 8))
+    assert not np.allclose(run(pipe, image=low_tensor), different)  # the condition reaches the UNet
+    with pytest.raises(ValueError, match="fixes the output size to 24x32"):
+        pipe(image=low, height=32, width=32)
+    with pytest.raises(ValueError, match="use guidance_scale=1"):
+        pipe(image=low, guidance_scale=3.0)
+
+
+@pytest.mark.parametrize("vae", ["kl", "vq"])
+def test_inpainting_mode(vae):
+    pipe = concat_pipe(4, vae)  # 3 latent channels of E(masked image) + 1 mask channel
+    image = Image.new("RGB", (32, 32), (20, 200, 20))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    out = run(pipe, image=image, mask_image=mask)
+    assert out.shape == (1, 32, 32, 3)
+    assert not np.allclose(out, run(pipe, image=image, mask_image=Image.new("L", (32, 32), 0)))
+    with pytest.raises(ValueError, match="must match"):
+        pipe(image=image, mask_image=Image.new("L", (16, 16), 0))
+    with pytest.raises(ValueError, match="without image"):
+        pipe(mask_image=mask)
+
+
+def test_segmentation_mode():
+    pipe = concat_pipe(6)  # 6 semantic classes
+    seg = torch.zeros(32, 32, dtype=torch.long)
+    seg[:, 16:] = 5
+    out = run(pipe, segmentation_map=seg)
+    assert out.shape == (1, 32, 32, 3)
+    seg_img = Image.fromarray(seg.numpy().astype(np.uint8), mode="L")
+    np.testing.assert_allclose(run(pipe, segmentation_map=seg_img), out, atol=1e-6)
+    assert not np.allclose(run(pipe, segmentation_map=torch.zeros(32, 32, dtype=torch.long)), out)
+    with pytest.raises(ValueError, match="knows 0..5"):
+        pipe(segmentation_map=seg + 1)
+
+
+def test_spatial_modes_are_checked_against_the_unet():
+    pipe = concat_pipe(3)  # a super-resolution UNet
+    with pytest.raises(ValueError, match="gives 4 channels to concatenate to z_t, but this UNet takes 3"):
+        pipe(image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (32, 32)))
+    with pytest.raises(ValueError, match="conditional: pass mask_image or image or segmentation_map"):
+        pipe()
+    with pytest.raises(ValueError, match="one conditioning input"):
+        pipe(image=torch.zeros(1, 3, 8, 8), segmentation_map=torch.zeros(8, 8, dtype=torch.long))

@@ -16,13 +16,14 @@ from .models import (
     estimate_scaling_factor,
     load_autoencoder,
 )
-from .conditioning import ClassEmbedder
+from .conditioning import ClassEmbedder, LayoutEncoder
 from .pipelines import LDMPipeline
 from .schedulers import ldm_scheduler, switch_sampler
 
 __all__ = [
     "ClassEmbedder",
     "LDMPipeline",
+    "LayoutEncoder",
     "LDMUNet2DConditionModel",
     "ldm_scheduler",
     "switch_sampler",

@@ -1,10 +1,44 @@
-"""tau_theta, the conditioning "switch": encoders that turn y into cross-attention tokens."""
+"""tau_theta and the conditioning "switch".
 
-from .class_label import ClassEmbedder
-from .text import bert_tokenizer, build_text_transformer, encode_prompts, load_frozen_text_encoder, minilm_path, tokenize
+Each mode is a :class:`~ldm_diffusers.conditioning.base.ConditioningMode` in its own file; ``MODES``
+lists them in the order the pipeline and the training loop consult them.
+"""
+
+from .base import Conditioning, ConditioningMode
+from .class_label import ClassEmbedder, ClassMode
+from .layout import LayoutEncoder, LayoutMode
+from .spatial import InpaintingMode, SegmentationMode, SuperResolutionMode
+from .text import (
+    TextMode,
+    bert_tokenizer,
+    build_text_transformer,
+    encode_prompts,
+    load_frozen_text_encoder,
+    minilm_path,
+    tokenize,
+)
+
+MODES: tuple[ConditioningMode, ...] = (
+    TextMode(),
+    ClassMode(),
+    LayoutMode(),
+    InpaintingMode(),
+    SuperResolutionMode(),
+    SegmentationMode(),
+)
 
 __all__ = [
+    "MODES",
     "ClassEmbedder",
+    "ClassMode",
+    "Conditioning",
+    "ConditioningMode",
+    "InpaintingMode",
+    "LayoutEncoder",
+    "LayoutMode",
+    "SegmentationMode",
+    "SuperResolutionMode",
+    "TextMode",
     "bert_tokenizer",
     "build_text_transformer",
     "encode_prompts",

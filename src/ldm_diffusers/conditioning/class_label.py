@@ -7,6 +7,8 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .base import Conditioning, ConditioningMode
+
 
 class ClassEmbedder(ModelMixin, ConfigMixin):
     """Labels [B] in 0..num_classes-1 -> tokens [B, 1, context_dim]. Row ``num_classes`` is the learned
@@ -33,3 +35,25 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
 
     def null(self, batch_size: int) -> torch.Tensor:
         return self(torch.full((batch_size,), self.null_class, dtype=torch.long))
+
+
+class ClassMode(ConditioningMode):
+    """``class_labels`` (int, list or tensor [B]) -> one token each; null: the learned null class."""
+
+    name = "class_labels"
+    inputs = ("class_labels",)
+    components = ("class_embedder",)
+
+    @staticmethod
+    def _labels(values) -> torch.Tensor:
+        return torch.as_tensor(values["class_labels"]).reshape(-1)
+
+    def batch_size(self, values):
+        return self._labels(values).shape[0]
+
+    def encode(self, pipe, values, latent_size):
+        labels = self._labels(values)
+        return (
+            Conditioning(context=pipe.class_embedder(labels)),
+            Conditioning(context=pipe.class_embedder.null(labels.shape[0])),
+        )

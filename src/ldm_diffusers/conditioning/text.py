@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Conditioning, ConditioningMode
+
 MAX_LENGTH = 77
 
 
@@ -82,3 +84,28 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Token embeddings [B, n, hidden] of the prompts; no attention mask, as in CompVis."""
     ids = tokenize(tokenizer, prompts).to(text_encoder.device)
     return text_encoder(ids)[0]
+
+
+class TextMode(ConditioningMode):
+    """``prompt`` (+ ``negative_prompt``, default the empty prompt) -> text-encoder tokens."""
+
+    name = "prompt"
+    inputs = ("prompt", "negative_prompt")
+    components = ("text_encoder", "tokenizer")
+
+    @staticmethod
+    def _as_list(prompt) -> list[str]:
+        return [prompt] if isinstance(prompt, str) else list(prompt)
+
+    def batch_size(self, values):
+        return len(self._as_list(values["prompt"]))
+
+    def encode(self, pipe, values, latent_size):
+        prompts = self._as_list(values["prompt"])
+        negative = values.get("negative_prompt")
+        negatives = [""] * len(prompts) if negative is None else self._as_list(negative)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; pass one each.")
+        cond = Conditioning(context=encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+        null = Conditioning(context=encode_prompts(pipe.tokenizer, pipe.text_encoder, negatives))
+        return cond, null

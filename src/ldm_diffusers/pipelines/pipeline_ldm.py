@@ -9,7 +9,7 @@ The algorithm, as the paper gives it:
    eps = eps(null) + s * (eps(y) - eps(null)) computed as one batch [null, y]; z_{t-1} = step(eps);
 4. decode once: x = D(z_0 / scaling_factor).
 
-Modes implemented so far: unconditional (no condition), ``class_labels`` and ``prompt``.
+The conditioning modes live in ``ldm_diffusers.conditioning`` (``MODES``); this file only asks them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..conditioning.text import encode_prompts
+from ..conditioning import MODES, Conditioning, ConditioningMode
 from ..models.autoencoders import latent_scaling_factor
 
 LIBRARY = "ldm_diffusers"
@@ -30,17 +30,20 @@ LIBRARY = "ldm_diffusers"
 
 class LDMPipeline(DiffusionPipeline):
     """Components: ``vae`` (KL or VQ stage-1 model), ``unet`` (eps_theta), ``scheduler``, and the
-    conditioning encoders the model uses: ``text_encoder`` + ``tokenizer`` for prompts,
-    ``class_embedder`` for class labels (each optional)."""
+    conditioning encoders the model uses (each optional): ``text_encoder`` + ``tokenizer`` for prompts,
+    ``class_embedder`` for class labels, ``layout_encoder`` for layouts. Spatial conditions
+    (super-resolution, inpainting, segmentation maps) need no encoder of their own."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["text_encoder", "tokenizer", "class_embedder"]
+    _optional_components = ["text_encoder", "tokenizer", "class_embedder", "layout_encoder"]
 
-    def __init__(self, vae, unet, scheduler, text_encoder=None, tokenizer=None, class_embedder=None):
+    def __init__(
+        self, vae, unet, scheduler, text_encoder=None, tokenizer=None, class_embedder=None, layout_encoder=None
+    ):
         super().__init__()
         self.register_modules(
             vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
-            class_embedder=class_embedder,
+            class_embedder=class_embedder, layout_encoder=layout_encoder,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -56,52 +59,53 @@ class LDMPipeline(DiffusionPipeline):
                 self.register_to_config(**{name: (LIBRARY, class_name)})
 
     # -- the conditioning switch ---------------------------------------------------------------
-    def _mode(self, prompt, class_labels) -> str:
-        given = [name for name, value in (("prompt", prompt), ("class_labels", class_labels)) if value is not None]
-        if len(given) > 1:
-            raise ValueError(f"Pass one conditioning input, got {' and '.join(given)}.")
-        mode = given[0] if given else "unconditional"
-        needs = {"prompt": ("text_encoder", "tokenizer"), "class_labels": ("class_embedder",)}.get(mode, ())
-        missing = [c for c in needs if getattr(self, c, None) is None]
+    def select_mode(self, values: dict) -> ConditioningMode | None:
+        """The conditioning mode the call's inputs ask for (None: unconditional), checked against the
+        pipeline's components and the UNet."""
+        chosen = [mode for mode in MODES if mode.is_selected(values)]
+        if len(chosen) > 1:
+            raise ValueError(f"Pass one conditioning input, got {' and '.join(m.inputs[0] for m in chosen)}.")
+        mode = chosen[0] if chosen else None
+        if mode is None:
+            cross = self._unet_cross_attends()
+            concat = self.unet.config.in_channels != self.unet.config.out_channels
+            if cross or concat:
+                available = [
+                    m.inputs[0] for m in MODES
+                    if all(getattr(self, c, None) is not None for c in m.components)
+                    and ((m.kind == "context" and cross) or (m.kind == "concat" and concat))
+                ]
+                raise ValueError(f"This model is conditional: pass {' or '.join(available) or 'a condition'}.")
+            return None
+        missing = [c for c in mode.components if getattr(self, c, None) is None]
         if missing:
-            raise ValueError(f"`{mode}` needs the pipeline component(s) {missing}, which this pipeline lacks.")
-        if mode == "unconditional" and self._unet_cross_attends():
-            known = [m for m, c in (("prompt", "text_encoder"), ("class_labels", "class_embedder")) if getattr(self, c, None) is not None]
-            raise ValueError(f"This model is conditional: pass {' or '.join(known) or 'a condition'}.")
+            raise ValueError(f"`{mode.inputs[0]}` needs the pipeline component(s) {missing}, which this pipeline lacks.")
         return mode
 
     def _unet_cross_attends(self) -> bool:
         return any("CrossAttn" in t for t in self.unet.config.down_block_types)
 
-    def encode_condition(self, mode, prompt=None, negative_prompt=None, class_labels=None, num_images_per_prompt=1):
-        """(context, null_context, batch): tokens [B, n, d] for the UNet's cross-attention and their
-        unconditional counterpart (None where the mode has none), repeated per image."""
-        device = self._execution_device
-        if mode == "prompt":
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            if negative_prompt is None:
-                negatives = [""] * len(prompts)
-            else:
-                negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-                if len(negatives) != len(prompts):
-                    raise ValueError(
-                        f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; pass one each."
-                    )
-            context = encode_prompts(self.tokenizer, self.text_encoder, prompts)
-            null = encode_prompts(self.tokenizer, self.text_encoder, negatives)
-        elif mode == "class_labels":
-            labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-            context = self.class_embedder(labels)
-            null = self.class_embedder.null(labels.shape[0])
-        else:
-            return None, None, 1
-        context = context.repeat_interleave(num_images_per_prompt, dim=0)
-        null = null.repeat_interleave(num_images_per_prompt, dim=0)
-        return context, null, context.shape[0] // num_images_per_prompt
+    def _check_conditioning(self, mode, cond: Conditioning) -> None:
+        concat = 0 if cond.concat is None else cond.concat.shape[1]
+        expected = self.unet.config.in_channels - self.unet.config.out_channels
+        if concat != expected:
+            raise ValueError(
+                f"`{mode.inputs[0]}` gives {concat} channels to concatenate to z_t, but this UNet takes {expected}."
+            )
+        if (cond.context is not None) != self._unet_cross_attends():
+            raise ValueError(
+                f"`{mode.inputs[0]}` {'gives' if cond.context is not None else 'gives no'} cross-attention tokens, "
+                f"but this UNet {'has no' if cond.context is not None else 'needs'} cross-attention."
+            )
 
     # -- sampling -------------------------------------------------------------------------------
-    def _check_size(self, height, width):
+    def _check_size(self, height, width, fixed=None):
         f = self.vae_scale_factor
+        if fixed is not None:
+            if (height or fixed[0], width or fixed[1]) != tuple(fixed):
+                raise ValueError(f"The conditioning input fixes the output size to {fixed[0]}x{fixed[1]}; "
+                                 f"got height={height}, width={width}.")
+            height, width = fixed
         default = (self.unet.config.sample_size or 32) * f
         height, width = height or default, width or default
         if height % f or width % f:
@@ -125,6 +129,10 @@ class LDMPipeline(DiffusionPipeline):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
+        layout: list | None = None,
+        image=None,
+        mask_image=None,
+        segmentation_map=None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -140,19 +148,36 @@ class LDMPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
         """Generate images. The inputs choose the mode: nothing (unconditional; ``batch_size`` images),
-        ``class_labels`` or ``prompt`` (+ ``negative_prompt``). ``guidance_scale`` > 1 turns on
-        classifier-free guidance; ``output_type``: "pil", "np", "pt" or "latent"."""
-        mode = self._mode(prompt, class_labels)
-        height, width = self._check_size(height, width)
+        ``prompt`` (+ ``negative_prompt``), ``class_labels``, ``layout`` (list of (class, (x0, y0, x1, y1))),
+        ``image`` (super-resolution), ``image`` + ``mask_image`` (inpainting) or ``segmentation_map``.
+        ``guidance_scale`` > 1 turns on classifier-free guidance; ``output_type``: pil, np, pt or latent."""
+        values = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "class_labels": class_labels, "layout": layout,
+            "image": image, "mask_image": mask_image, "segmentation_map": segmentation_map,
+        }
+        mode = self.select_mode(values)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got '{output_type}'.")
-        context, null, n_cond = self.encode_condition(mode, prompt, negative_prompt, class_labels, num_images_per_prompt)
-        total = (n_cond if mode != "unconditional" else batch_size) * num_images_per_prompt
-        guided = guidance_scale > 1.0 and null is not None
-        if guided:
-            context = torch.cat([null, context])
-
+        height, width = self._check_size(height, width, mode.output_size(self, values) if mode else None)
         f = self.vae_scale_factor
+        if mode is None:
+            cond, null, n = Conditioning(), None, batch_size
+        else:
+            cond, null = mode.encode(self, values, (height // f, width // f))
+            self._check_conditioning(mode, cond)
+            n = mode.batch_size(values)
+        guided = guidance_scale > 1.0
+        if guided and null is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs an unconditional input, which "
+                f"{'unconditional sampling' if mode is None else '`' + mode.inputs[0] + '`'} does not have; "
+                "use guidance_scale=1."
+            )
+        total = n * num_images_per_prompt
+        cond = cond.repeat_interleave(num_images_per_prompt)
+        if guided:
+            cond = Conditioning.cat([null.repeat_interleave(num_images_per_prompt), cond])
+
         shape = (total, self.unet.config.out_channels, height // f, width // f)
         latents = self.prepare_latents(shape, self.unet.dtype, generator, latents)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
@@ -161,9 +186,8 @@ class LDMPipeline(DiffusionPipeline):
             extra["generator"] = generator
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_input = torch.cat([latents] * 2) if guided else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            eps = self.unet(model_input, t, encoder_hidden_states=context).sample
+            model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            eps = self.unet(cond.model_input(model_input), t, encoder_hidden_states=cond.context).sample
             if guided:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)

@@ -1,0 +1,108 @@
+"""Layout-to-image: tau_theta turns a list of (class, bounding box) pairs into tokens.
+
+As in the paper's layout model, each object becomes one token: the embedding of its class plus
+embeddings of its four box coordinates, each quantised into ``num_bins`` bins; a transformer then
+mixes the tokens. Layouts shorter than ``max_objects`` are padded with a "pad" class, and the
+all-padding layout is the null input for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .base import Conditioning, ConditioningMode
+
+Box = tuple[float, float, float, float]
+Layout = Sequence[tuple[int, Box]]
+
+
+class LayoutEncoder(ModelMixin, ConfigMixin):
+    """Layouts -> tokens [B, max_objects, context_dim]. A layout is a list of ``(class_id, (x0, y0, x1, y1))``
+    with coordinates in [0, 1] (x to the right, y down) and ``x0 <= x1``, ``y0 <= y1``."""
+
+    @register_to_config
+    def __init__(
+        self,
+        num_classes: int = 100,
+        context_dim: int = 512,
+        max_objects: int = 8,
+        num_bins: int = 64,
+        depth: int = 4,
+        num_heads: int = 8,
+    ):
+        super().__init__()
+        self.class_embedding = nn.Embedding(num_classes + 1, context_dim)  # + the pad class
+        self.coordinate_embeddings = nn.ModuleList([nn.Embedding(num_bins, context_dim) for _ in range(4)])
+        self.slot_embedding = nn.Parameter(torch.zeros(max_objects, context_dim))
+        layer = nn.TransformerEncoderLayer(
+            context_dim, num_heads, 4 * context_dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(context_dim)
+
+    @property
+    def pad_class(self) -> int:
+        return self.config.num_classes
+
+    def tokenize(self, layouts: Sequence[Layout]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class ids [B, max_objects], coordinate bins [B, max_objects, 4]) with validation."""
+        cfg = self.config
+        classes = torch.full((len(layouts), cfg.max_objects), self.pad_class, dtype=torch.long)
+        boxes = torch.zeros(len(layouts), cfg.max_objects, 4)
+        for b, layout in enumerate(layouts):
+            if len(layout) > cfg.max_objects:
+                raise ValueError(f"A layout has {len(layout)} objects; this encoder takes at most {cfg.max_objects}.")
+            for i, obj in enumerate(layout):
+                try:
+                    class_id, box = obj
+                    x0, y0, x1, y1 = (float(v) for v in box)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"Layout entries are (class_id, (x0, y0, x1, y1)); got {obj!r}.") from err
+                if not 0 <= int(class_id) < cfg.num_classes:
+                    raise ValueError(f"Unknown layout class id {class_id}: this model knows 0..{cfg.num_classes - 1}.")
+                if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+                    raise ValueError(f"Box {box} must satisfy 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1.")
+                classes[b, i] = int(class_id)
+                boxes[b, i] = torch.tensor([x0, y0, x1, y1])
+        bins = (boxes * (cfg.num_bins - 1)).round().long()
+        return classes, bins
+
+    def forward(self, layouts: Sequence[Layout]) -> torch.Tensor:
+        classes, bins = self.tokenize(layouts)
+        device = self.class_embedding.weight.device
+        classes, bins = classes.to(device), bins.to(device)
+        tokens = self.class_embedding(classes) + self.slot_embedding
+        for k, table in enumerate(self.coordinate_embeddings):
+            tokens = tokens + table(bins[..., k])
+        return self.norm(self.transformer(tokens))
+
+    def null(self, batch_size: int) -> torch.Tensor:
+        return self([[] for _ in range(batch_size)])
+
+
+def as_layout_batch(layout) -> list:
+    """Accept one layout (a list of (class, box)) or a batch of them."""
+    if len(layout) and isinstance(layout[0], (tuple, list)) and len(layout[0]) == 2 and not isinstance(layout[0][0], (tuple, list)):
+        return [layout]
+    return list(layout)
+
+
+class LayoutMode(ConditioningMode):
+    name = "layout"
+    inputs = ("layout",)
+    components = ("layout_encoder",)
+
+    def batch_size(self, values):
+        return len(as_layout_batch(values["layout"]))
+
+    def encode(self, pipe, values, latent_size):
+        layouts = as_layout_batch(values["layout"])
+        return (
+            Conditioning(context=pipe.layout_encoder(layouts)),
+            Conditioning(context=pipe.layout_encoder.null(len(layouts))),
+        )
