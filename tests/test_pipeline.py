@@ -312,3 +312,78 @@ def test_spatial_modes_are_checked_against_the_unet():
         pipe()
     with pytest.raises(ValueError, match="one conditioning input"):
         pipe(image=torch.zeros(1, 3, 8, 8), segmentation_map=torch.zeros(8, 8, dtype=torch.long))
+
+
+# -- loading diffusers' own LDM layouts and Hub ids ---------------------------------------------------------
+def _stock_text2im(tmp_path):
+    from diffusers import DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel, VQModel
+    from diffusers.pipelines.latent_diffusion import LDMBertModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+
+    torch.manual_seed(0)
+    vqvae = VQModel(block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+                    up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, latent_channels=3,
+                    num_vq_embeddings=16, scaling_factor=0.9)
+    bert = LDMBertModel(LDMBertConfig(vocab_size=30522, d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                                      encoder_ffn_dim=32, max_position_embeddings=77, head_dim=8))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    stock = LDMTextToImagePipeline(vqvae=vqvae, bert=bert, tokenizer=bert_tokenizer(), unet=unet, scheduler=scheduler)
+    stock.set_progress_bar_config(disable=True)
+    stock.save_pretrained(tmp_path)
+    return stock
+
+
+def test_loads_diffusers_text_to_image_ldm_layout(tmp_path):
+    stock = _stock_text2im(tmp_path)
+    pipe = LDMPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.vae).__name__ == "VQModel" and type(pipe.text_encoder).__name__ == "LDMBertModel"
+    latents = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = pipe(prompt="an emoji of a cat", latents=latents, guidance_scale=3.0, num_inference_steps=3,
+                output_type="np").images
+    theirs = stock(prompt="an emoji of a cat", latents=latents, guidance_scale=3.0, num_inference_steps=3,
+                   output_type="np").images
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_loads_diffusers_unconditional_ldm_layout(tmp_path):
+    from diffusers import DDIMScheduler, LDMPipeline as StockLDMPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=3, num_vq_embeddings=16)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    StockLDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(clip_sample=False)).save_pretrained(tmp_path)
+    pipe = LDMPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder is None and isinstance(pipe.unet, UNet2DModel)
+    images = run(pipe, batch_size=2)
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_hub_ids_are_downloaded_then_loaded_without_remote_code(tmp_path, monkeypatch):
+    # The real download is exercised against a local Hub server in the Hub-sharing tests.
+    import huggingface_hub
+
+    pipe = make_pipe("class")
+    pipe.save_pretrained(tmp_path / "repo")
+    asked = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.update(repo_id=repo_id, **kwargs)
+        return str(tmp_path / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    loaded = LDMPipeline.from_pretrained("org/tiny-ldm", revision="v1")
+    assert asked["repo_id"] == "org/tiny-ldm" and asked["revision"] == "v1"
+    assert "*.bin" in asked["ignore_patterns"]
+    assert isinstance(loaded.class_embedder, ClassEmbedder)
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        LDMPipeline.from_pretrained(tmp_path)

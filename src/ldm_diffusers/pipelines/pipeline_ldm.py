@@ -14,11 +14,15 @@ The conditioning modes live in ``ldm_diffusers.conditioning`` (``MODES``); this 
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -26,6 +30,12 @@ from ..conditioning import MODES, Conditioning, ConditioningMode
 from ..models.autoencoders import latent_scaling_factor
 
 LIBRARY = "ldm_diffusers"
+# diffusers' own LDM repositories (LDMTextToImagePipeline, e.g. CompVis/ldm-text2im-large-256, and the
+# unconditional LDMPipeline) name their components differently; map them onto ours.
+DIFFUSERS_LDM_NAMES = {"vqvae": "vae", "bert": "text_encoder", "tokenizer": "tokenizer", "unet": "unet", "scheduler": "scheduler"}
+# Weights are loaded from safetensors only, so pickled files are never downloaded.
+PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.h5"]
+HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 
 
 class LDMPipeline(DiffusionPipeline):
@@ -47,6 +57,55 @@ class LDMPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load from a local folder or a Hub id.
+
+        A Hub repository is downloaded first (safetensors and configs, no pickles) and then loaded as a
+        local folder: stock ``DiffusionPipeline.from_pretrained`` refuses third-party components in Hub
+        repositories unless ``trust_remote_code`` runs code from the repository, which this avoids.
+        Folders in diffusers' own LDM layouts (``vqvae``/``bert``/``tokenizer``/``unet``/``scheduler``)
+        load too, with their diffusers and transformers classes.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+            folder = Path(
+                snapshot_download(str(pretrained_model_name_or_path), ignore_patterns=PICKLE_PATTERNS, **hub_kwargs)
+            )
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"No model_index.json in '{folder}': not a saved pipeline folder.")
+        index = json.loads(index_file.read_text())
+        if "vqvae" in index:
+            return cls._from_diffusers_ldm_layout(folder, index, **kwargs)
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(folder, **kwargs)
+
+    @classmethod
+    def _from_diffusers_ldm_layout(cls, folder: Path, index: dict, torch_dtype=None, **kwargs):
+        components = {}
+        for name, ours in DIFFUSERS_LDM_NAMES.items():
+            if name not in index or index[name][0] is None:
+                continue
+            library, class_name = index[name]
+            if library in ("diffusers", "transformers"):
+                module = importlib.import_module(library)
+            else:  # a class inside a diffusers pipeline module, such as latent_diffusion.LDMBertModel
+                module = importlib.import_module(f"diffusers.pipelines.{library}")
+            component_cls = getattr(module, class_name)
+            load = {"subfolder": name}
+            if name not in ("tokenizer", "scheduler"):
+                load["use_safetensors"] = True
+                if torch_dtype is not None:
+                    # transformers 5 calls it "dtype", diffusers "torch_dtype"
+                    is_transformers = any(c.__module__.startswith("transformers") for c in component_cls.__mro__)
+                    load["dtype" if is_transformers else "torch_dtype"] = torch_dtype
+            components[ours] = component_cls.from_pretrained(folder, **load)
+        return cls(**components)
 
     def register_modules(self, **kwargs):
         # diffusers records a third-party component's library as its full module path
@@ -99,6 +158,11 @@ class LDMPipeline(DiffusionPipeline):
             )
 
     # -- sampling -------------------------------------------------------------------------------
+    def _eps(self, model_input: torch.Tensor, t, context: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.unet, UNet2DModel):  # diffusers' unconditional LDM UNet takes no context argument
+            return self.unet(model_input, t).sample
+        return self.unet(model_input, t, encoder_hidden_states=context).sample
+
     def _check_size(self, height, width, fixed=None):
         f = self.vae_scale_factor
         if fixed is not None:
@@ -187,7 +251,7 @@ class LDMPipeline(DiffusionPipeline):
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = self.unet(cond.model_input(model_input), t, encoder_hidden_states=cond.context).sample
+            eps = self._eps(cond.model_input(model_input), t, cond.context)
             if guided:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)
