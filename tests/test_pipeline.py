@@ -387,3 +387,40 @@ def test_hub_ids_are_downloaded_then_loaded_without_remote_code(tmp_path, monkey
     assert isinstance(loaded.class_embedder, ClassEmbedder)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         LDMPipeline.from_pretrained(tmp_path)
+
+
+# -- memory options ----------------------------------------------------------------------------------------
+def test_xformers_request_explains_the_sdpa_default(monkeypatch):
+    import sys
+    import types
+
+    pipe = make_pipe("class")
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    with pytest.raises(RuntimeError, match="not installed.*SDPA"):
+        pipe.enable_xformers_memory_efficient_attention()
+    fake = types.ModuleType("xformers")
+    fake.ops = types.ModuleType("xformers.ops")
+    monkeypatch.setitem(sys.modules, "xformers", fake)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake.ops)
+    with pytest.raises(RuntimeError, match="no kernels for 'cpu'.*SDPA"):
+        pipe.enable_xformers_memory_efficient_attention()
+    processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}
+
+
+def test_attention_and_vae_slicing_and_tiling_keep_outputs():
+    pipe = make_pipe("class")
+    ref = run(pipe, class_labels=[1, 2], guidance_scale=2.0)
+    pipe.enable_attention_slicing(1)
+    np.testing.assert_allclose(run(pipe, class_labels=[1, 2], guidance_scale=2.0), ref, atol=1e-5)
+    pipe.disable_attention_slicing()
+    pipe.enable_vae_slicing()
+    np.testing.assert_allclose(run(pipe, class_labels=[1, 2], guidance_scale=2.0), ref, atol=1e-5)
+    pipe.disable_vae_slicing()
+    pipe.enable_vae_tiling()
+    big = run(pipe, class_labels=[1], height=64, width=64)  # 16x16 latents > the 8x8 tile
+    assert big.shape == (1, 64, 64, 3) and np.isfinite(big).all()
+    pipe.disable_vae_tiling()
+    with pytest.raises(NotImplementedError, match="tiled decoding"):
+        make_pipe("class", vae="vq").enable_vae_tiling()

@@ -117,6 +117,44 @@ class LDMPipeline(DiffusionPipeline):
             if isinstance(library, str) and library.startswith(LIBRARY + "."):
                 self.register_to_config(**{name: (LIBRARY, class_name)})
 
+    # -- memory -------------------------------------------------------------------------------------
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        """Use xformers' attention kernels where they run; otherwise raise and say why. PyTorch's
+        ``scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``) is the default and is already
+        memory-efficient on GPUs, so there is nothing to lose by staying on it."""
+        fallback = (
+            "The pipeline keeps PyTorch SDPA attention (AttnProcessor2_0, the default), which is already "
+            "memory-efficient; nothing else is needed."
+        )
+        try:
+            import xformers.ops
+        except ImportError as err:
+            raise RuntimeError(f"xformers is not installed (`pip install ldm-diffusers[xformers]`). {fallback}") from err
+        if self._execution_device.type != "cuda":
+            raise RuntimeError(f"xformers has no kernels for '{self._execution_device.type}' (CUDA only). {fallback}")
+        try:  # wheels built for another torch/CUDA import fine but fail on first use
+            q = torch.zeros(1, 2, 1, 64, device=self._execution_device, dtype=torch.float16)
+            xformers.ops.memory_efficient_attention(q, q, q)
+        except Exception as err:
+            raise RuntimeError(f"xformers is installed but its kernels do not run here ({err}). {fallback}") from err
+        super().enable_xformers_memory_efficient_attention(attention_op)
+
+    def enable_vae_slicing(self):
+        """Decode the batch one image at a time (less memory for large batches)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """Decode large images in overlapping tiles (KL autoencoders; diffusers' VQModel has no tiling)."""
+        if not hasattr(self.vae, "tiled_decode"):
+            raise NotImplementedError(f"{type(self.vae).__name__} does not support tiled decoding; use enable_vae_slicing.")
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+
     # -- the conditioning switch ---------------------------------------------------------------
     def select_mode(self, values: dict) -> ConditioningMode | None:
         """The conditioning mode the call's inputs ask for (None: unconditional), checked against the
