@@ -92,3 +92,56 @@ def push_autoencoder(output_dir: str | os.PathLike, args, results: dict) -> str:
         ignore_patterns=["checkpoint-*/**", ".*"],
     )
     return repo_id
+
+
+def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list[str] | None = None):
+    """A ``huggingface_hub.ModelCard`` for an :class:`~ldm_diffusers.LDMPipeline`, from ``pipeline.md``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    encoders = [(n, type(getattr(pipe, n)).__name__) for n in ("text_encoder", "class_embedder", "layout_encoder")
+                if getattr(pipe, n, None) is not None]
+    concat = pipe.unet.config.in_channels - pipe.unet.config.out_channels
+    if pipe.text_encoder is not None:
+        conditioning, tag, usage = "text prompts", "text-to-image", 'image = pipe("an emoji of a red apple", guidance_scale=3.0).images[0]'
+    elif pipe.class_embedder is not None:
+        conditioning, tag, usage = "class labels", "unconditional-image-generation", "image = pipe(class_labels=[0], guidance_scale=3.0).images[0]"
+    elif pipe.layout_encoder is not None:
+        conditioning, tag, usage = "layouts", "text-to-image", "image = pipe(layout=[(0, (0.1, 0.1, 0.6, 0.7))]).images[0]"
+    elif concat:
+        conditioning, tag, usage = "a spatially aligned input", "image-to-image", "image = pipe(image=low_res_image).images[0]"
+    else:
+        conditioning, tag, usage = "nothing (unconditional)", "unconditional-image-generation", "image = pipe().images[0]"
+    from .models.autoencoders import latent_scaling_factor
+
+    sched = pipe.scheduler.config
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        pipeline_tag=tag,
+        tags=["ldm-diffusers", "latent-diffusion", "diffusers:LDMPipeline"],
+        datasets=datasets,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path("pipeline.md")),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        vae_kind="VQ-regularised" if "num_vq_embeddings" in pipe.vae.config else "KL-regularised",
+        vae_class=type(pipe.vae).__name__,
+        f=pipe.vae_scale_factor,
+        latent_channels=pipe.unet.config.out_channels,
+        scaling_factor=_fmt(latent_scaling_factor(pipe.vae), 6),
+        unet_class=type(pipe.unet).__name__,
+        unet_params=f"{sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f}M",
+        context_dim=pipe.unet.config.cross_attention_dim if any("CrossAttn" in t for t in pipe.unet.config.down_block_types) else None,
+        concat_channels=concat,
+        encoders=encoders,
+        conditioning=conditioning,
+        scheduler_class=type(pipe.scheduler).__name__,
+        beta_start=sched.beta_start,
+        beta_end=sched.beta_end,
+        beta_schedule=sched.beta_schedule,
+        prediction_type=sched.prediction_type,
+        extra_text=extra_text,
+        usage=usage,
+    )

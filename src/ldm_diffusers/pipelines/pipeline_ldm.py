@@ -107,6 +107,32 @@ class LDMPipeline(DiffusionPipeline):
             components[ours] = component_cls.from_pretrained(folder, **load)
         return cls(**components)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        model_card_text: str = "",
+        datasets: list[str] | None = None,
+    ):
+        """Save the pipeline (safetensors) with a model card from ``model_cards/templates/pipeline.md``
+        and upload it to ``repo_id``."""
+        import tempfile
+
+        from huggingface_hub import create_repo
+
+        from ..hub import pipeline_model_card
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=True)
+            pipeline_model_card(self, repo_id, model_card_text, datasets).save(os.path.join(tmp, "README.md"))
+            return self._upload_folder(
+                tmp, repo_id, token=token, commit_message=commit_message or "Upload LDMPipeline", create_pr=create_pr
+            )
+
     def register_modules(self, **kwargs):
         # diffusers records a third-party component's library as its full module path
         # ("ldm_diffusers.models.unet"); record the package itself, which exports every class, so

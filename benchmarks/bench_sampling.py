@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Sampling speed: ``LDMPipeline`` against diffusers' own ``LDMTextToImagePipeline`` on the same components.
+
+Both pipelines get the very same VQModel, LDMBert text encoder, UNet2DConditionModel and DDIM
+scheduler (random weights, fixed shapes), so the ratio measures the pipeline code alone. Prints the
+median seconds per image over ``--repeats`` calls and the ratio ours/stock.
+
+    python benchmarks/bench_sampling.py                          # CPU defaults: 64x64, 20 steps, CFG 3
+    python benchmarks/bench_sampling.py --resolution 256 --base_channels 192 --dtype fp16 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from diffusers import DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel, VQModel
+from diffusers.pipelines.latent_diffusion import LDMBertModel
+from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+
+from ldm_diffusers import LDMPipeline
+from ldm_diffusers.conditioning import bert_tokenizer
+
+
+def build(args, device, dtype):
+    torch.manual_seed(0)
+    vqvae = VQModel(block_out_channels=(64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 3,
+                    up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=3,
+                    num_vq_embeddings=1024, scaling_factor=1.0)
+    bert = LDMBertModel(LDMBertConfig(vocab_size=30522, d_model=args.context_dim, encoder_layers=4,
+                                      encoder_attention_heads=8, encoder_ffn_dim=4 * args.context_dim,
+                                      max_position_embeddings=77, head_dim=args.context_dim // 8))
+    c = args.base_channels
+    unet = UNet2DConditionModel(sample_size=args.resolution // 4, in_channels=3, out_channels=3,
+                                block_out_channels=(c, 2 * c, 4 * c), layers_per_block=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=args.context_dim, attention_head_dim=8)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    parts = dict(vqvae=vqvae, bert=bert, unet=unet)
+    for m in parts.values():
+        m.to(device, dtype).eval()
+    tokenizer = bert_tokenizer()
+    stock = LDMTextToImagePipeline(tokenizer=tokenizer, scheduler=scheduler, **parts)
+    ours = LDMPipeline(vae=vqvae, unet=unet, scheduler=scheduler, text_encoder=bert, tokenizer=tokenizer)
+    for p in (stock, ours):
+        p.set_progress_bar_config(disable=True)
+    return stock, ours, sum(q.numel() for q in unet.parameters())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--base_channels", type=int, default=64)
+    p.add_argument("--context_dim", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    stock, ours, unet_params = build(a, device, dtype)
+    prompts = ["an emoji of a red apple"] * a.batch
+    latents = torch.randn(a.batch, 3, a.resolution // 4, a.resolution // 4, device=device, dtype=dtype)
+
+    def call(pipe):
+        def run():
+            pipe(prompt=prompts, latents=latents, num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                 output_type="np")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    timings = {"stock": [], "ours": []}
+    for name, pipe in (("stock", stock), ("ours", ours)):
+        call(pipe)()  # warm-up
+    for _ in range(a.repeats):  # interleaved, so drift affects both alike
+        for name, pipe in (("stock", stock), ("ours", ours)):
+            start = time.perf_counter()
+            call(pipe)()
+            timings[name].append((time.perf_counter() - start) / a.batch)
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "torch": torch.__version__, "dtype": a.dtype, "resolution": a.resolution, "steps": a.steps,
+        "guidance_scale": a.guidance_scale, "batch": a.batch, "unet_params_M": round(unet_params / 1e6, 2),
+        "seconds_per_image": med, "ratio_ours_over_stock": med["ours"] / med["stock"], "repeats": a.repeats,
+    }
+    print(json.dumps(results, indent=2))
+    if a.out:
+        with open(a.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
