@@ -321,8 +321,9 @@ def _stock_text2im(tmp_path):
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
 
     torch.manual_seed(0)
-    vqvae = VQModel(block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
-                    up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, latent_channels=3,
+    # f = 8: diffusers' LDMTextToImagePipeline hard-codes latents of height // 8
+    vqvae = VQModel(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=3,
                     num_vq_embeddings=16, scaling_factor=0.9)
     bert = LDMBertModel(LDMBertConfig(vocab_size=30522, d_model=16, encoder_layers=1, encoder_attention_heads=2,
                                       encoder_ffn_dim=32, max_position_embeddings=77, head_dim=8))
@@ -332,6 +333,8 @@ def _stock_text2im(tmp_path):
                                 norm_num_groups=8, cross_attention_dim=16, attention_head_dim=2)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False)
+    for module in (vqvae, bert, unet):
+        module.eval()  # freshly built models are in training mode (LDMBert has dropout)
     stock = LDMTextToImagePipeline(vqvae=vqvae, bert=bert, tokenizer=bert_tokenizer(), unet=unet, scheduler=scheduler)
     stock.set_progress_bar_config(disable=True)
     stock.save_pretrained(tmp_path)
