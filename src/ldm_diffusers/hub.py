@@ -31,7 +31,9 @@ def autoencoder_model_card(model, args, results: dict, repo_id: str):
     """A ``huggingface_hub.ModelCard`` for a trained stage-1 autoencoder, from ``autoencoder.md``."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    is_vq = "num_vq_embeddings" in model.config
+    from .models.autoencoders import is_vq_config
+
+    is_vq = is_vq_config(model.config)
     regularization = "vq" if is_vq else "kl"
     dataset = args.dataset_name or ("local imagefolder" if args.train_data_dir else "Noto Color Emoji (built-in)")
     card_data = ModelCardData(
@@ -111,7 +113,8 @@ def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list
         conditioning, tag, usage = "a spatially aligned input", "image-to-image", "image = pipe(image=low_res_image).images[0]"
     else:
         conditioning, tag, usage = "nothing (unconditional)", "unconditional-image-generation", "image = pipe().images[0]"
-    from .models.autoencoders import latent_scaling_factor
+    from .models.autoencoders import is_vq_config, latent_scaling_factor
+    from .models.unet import unet_cross_attends
 
     sched = pipe.scheduler.config
     card_data = ModelCardData(
@@ -126,14 +129,14 @@ def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list
         template_path=str(template_path("pipeline.md")),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
-        vae_kind="VQ-regularised" if "num_vq_embeddings" in pipe.vae.config else "KL-regularised",
+        vae_kind="VQ-regularised" if is_vq_config(pipe.vae.config) else "KL-regularised",
         vae_class=type(pipe.vae).__name__,
         f=pipe.vae_scale_factor,
         latent_channels=pipe.unet.config.out_channels,
         scaling_factor=_fmt(latent_scaling_factor(pipe.vae), 6),
         unet_class=type(pipe.unet).__name__,
         unet_params=f"{sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.1f}M",
-        context_dim=pipe.unet.config.cross_attention_dim if any("CrossAttn" in t for t in pipe.unet.config.down_block_types) else None,
+        context_dim=pipe.unet.config.cross_attention_dim if unet_cross_attends(pipe.unet.config) else None,
         concat_channels=concat,
         encoders=encoders,
         conditioning=conditioning,

@@ -48,6 +48,11 @@ def _block_layout(downsampling_factor: int, base_channels: int, channel_multipli
     return ("DownEncoderBlock2D",) * (m + 1), ("UpDecoderBlock2D",) * (m + 1), widths
 
 
+def is_vq_config(config) -> bool:
+    """Whether an autoencoder config (dict or diffusers FrozenDict) describes a VQ model."""
+    return "num_vq_embeddings" in config or "VQ" in (config.get("_class_name") or "")
+
+
 class _LDMAutoencoderMixin:
     """Shared checks and helpers; ``self.config`` is the diffusers config of the subclass."""
 
@@ -82,6 +87,10 @@ class _LDMAutoencoderMixin:
             sample_size=sample_size,
             **kwargs,
         )
+
+    def last_layer(self) -> torch.nn.Parameter:
+        """The decoder's output convolution weight, where the adaptive GAN weight is measured."""
+        return self.decoder.conv_out.weight
 
     @property
     def downsampling_factor(self) -> int:
@@ -200,9 +209,6 @@ class LDMAutoencoderKL(_LDMAutoencoderMixin, AutoencoderKL):
             return (dec,)
         return KLAutoencoderOutput(sample=dec, posterior=posterior)
 
-    def last_layer(self) -> torch.nn.Parameter:
-        """The decoder's output convolution weight, where the adaptive GAN weight is measured."""
-        return self.decoder.conv_out.weight
 
 
 @dataclass
@@ -343,9 +349,6 @@ class LDMVQModel(_LDMAutoencoderMixin, VQModel):
             return dec, commit_loss
         return VQAutoencoderOutput(sample=dec, commit_loss=commit_loss, latents=z_e, quantizer=q)
 
-    def last_layer(self) -> torch.nn.Parameter:
-        return self.decoder.conv_out.weight
-
 
 @torch.no_grad()
 def estimate_scaling_factor(
@@ -397,7 +400,7 @@ def latent_scaling_factor(autoencoder) -> float:
     which is Stable Diffusion's KL value.
     """
     config = autoencoder.config
-    if "num_vq_embeddings" in config and "scaling_factor" in (config.get("_use_default_values") or []):
+    if is_vq_config(config) and "scaling_factor" in (config.get("_use_default_values") or []):
         return 1.0
     return float(config.scaling_factor)
 
@@ -406,8 +409,7 @@ def load_autoencoder(path: str | os.PathLike, **kwargs) -> LDMAutoencoderKL | LD
     """Load a saved KL or VQ autoencoder folder, picking the class from its config."""
 
     config = read_config(path, subfolder=kwargs.get("subfolder"))
-    is_vq = "num_vq_embeddings" in config or "VQ" in config.get("_class_name", "")
-    cls = LDMVQModel if is_vq else LDMAutoencoderKL
+    cls = LDMVQModel if is_vq_config(config) else LDMAutoencoderKL
     return cls.from_pretrained(path, **kwargs)
 
 
@@ -420,6 +422,7 @@ __all__ = [
     "DecoderOutput",
     "DiagonalGaussianDistribution",
     "estimate_scaling_factor",
+    "is_vq_config",
     "latent_scaling_factor",
     "load_autoencoder",
 ]

@@ -22,6 +22,12 @@ from diffusers import UNet2DConditionModel
 from ..utils.checkpoints import safe_from_pretrained
 
 
+def unet_cross_attends(config) -> bool:
+    """Whether a diffusers UNet config has cross-attention blocks (UNet2DModel configs never do)."""
+    blocks = list(config.get("down_block_types") or []) + [config.get("mid_block_type") or ""]
+    return any("CrossAttn" in block for block in blocks)
+
+
 class LDMUNet2DConditionModel(UNet2DConditionModel):
     """eps_theta for latents [B, latent_channels, h, w]; see the module docstring."""
 
@@ -96,10 +102,7 @@ class LDMUNet2DConditionModel(UNet2DConditionModel):
     @property
     def context_dim(self) -> int | None:
         """Width of the cross-attention tokens, or None for a UNet without cross-attention."""
-        uses_cross = any("CrossAttn" in t for t in self.config.down_block_types) or (
-            self.config.mid_block_type or ""
-        ).endswith("CrossAttn")
-        return self.config.cross_attention_dim if uses_cross else None
+        return self.config.cross_attention_dim if unet_cross_attends(self.config) else None
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *args, **kwargs):
         """``sample`` [B, latent_channels + concat_channels, h, w]; ``encoder_hidden_states`` [B, n, context_dim]

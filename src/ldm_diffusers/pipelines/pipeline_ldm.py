@@ -28,6 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..conditioning import MODES, Conditioning, ConditioningMode
 from ..models.autoencoders import latent_scaling_factor
+from ..models.unet import unet_cross_attends
 
 LIBRARY = "ldm_diffusers"
 # diffusers' own LDM repositories (LDMTextToImagePipeline, e.g. CompVis/ldm-text2im-large-256, and the
@@ -190,7 +191,7 @@ class LDMPipeline(DiffusionPipeline):
             raise ValueError(f"Pass one conditioning input, got {' and '.join(m.inputs[0] for m in chosen)}.")
         mode = chosen[0] if chosen else None
         if mode is None:
-            cross = self._unet_cross_attends()
+            cross = unet_cross_attends(self.unet.config)
             concat = self.unet.config.in_channels != self.unet.config.out_channels
             if cross or concat:
                 available = [
@@ -205,9 +206,6 @@ class LDMPipeline(DiffusionPipeline):
             raise ValueError(f"`{mode.inputs[0]}` needs the pipeline component(s) {missing}, which this pipeline lacks.")
         return mode
 
-    def _unet_cross_attends(self) -> bool:
-        return any("CrossAttn" in t for t in self.unet.config.down_block_types)
-
     def _check_conditioning(self, mode, cond: Conditioning) -> None:
         concat = 0 if cond.concat is None else cond.concat.shape[1]
         expected = self.unet.config.in_channels - self.unet.config.out_channels
@@ -215,7 +213,7 @@ class LDMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`{mode.inputs[0]}` gives {concat} channels to concatenate to z_t, but this UNet takes {expected}."
             )
-        if (cond.context is not None) != self._unet_cross_attends():
+        if (cond.context is not None) != unet_cross_attends(self.unet.config):
             raise ValueError(
                 f"`{mode.inputs[0]}` {'gives' if cond.context is not None else 'gives no'} cross-attention tokens, "
                 f"but this UNet {'has no' if cond.context is not None else 'needs'} cross-attention."
