@@ -3,6 +3,7 @@
     ldm-diffusers build-emoji --resolution 64
     ldm-diffusers train-autoencoder --regularization kl -f 4 --output_dir outputs/kl-f4
     ldm-diffusers evaluate-autoencoder outputs/kl-f4
+    ldm-diffusers train --pretrained_vae_model_name_or_path outputs/kl-f4 --conditioning text --output_dir outputs/ldm
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def _train_autoencoder(argv):
     from .training.autoencoder import main
 
     main(argv, prog="ldm-diffusers train-autoencoder")
+
+
+def _train(argv):
+    from .training.latent_diffusion import main
+
+    main(argv, prog="ldm-diffusers train")
 
 
 def _evaluate_autoencoder(argv):
@@ -61,6 +68,7 @@ def _evaluate_autoencoder(argv):
 COMMANDS = {
     "build-emoji": (_build_emoji, "render the built-in emoji dataset"),
     "train-autoencoder": (_train_autoencoder, "train a KL/VQ stage-1 autoencoder"),
+    "train": (_train, "train a latent diffusion model (any conditioning mode)"),
     "evaluate-autoencoder": (_evaluate_autoencoder, "PSNR / SSIM / rFID of a saved autoencoder"),
 }
 

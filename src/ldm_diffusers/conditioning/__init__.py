@@ -4,7 +4,7 @@ Each mode is a :class:`~ldm_diffusers.conditioning.base.ConditioningMode` in its
 lists them in the order the pipeline and the training loop consult them.
 """
 
-from .base import Conditioning, ConditioningMode
+from .base import Conditioning, ConditioningMode, TrainingColumns
 from .class_label import ClassEmbedder, ClassMode
 from .layout import LayoutEncoder, LayoutMode
 from .spatial import InpaintingMode, SegmentationMode, SuperResolutionMode
@@ -39,6 +39,7 @@ __all__ = [
     "SegmentationMode",
     "SuperResolutionMode",
     "TextMode",
+    "TrainingColumns",
     "bert_tokenizer",
     "build_text_transformer",
     "encode_prompts",

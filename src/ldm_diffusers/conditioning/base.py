@@ -41,15 +41,31 @@ class Conditioning:
         return latents if self.concat is None else torch.cat([latents, self.concat.to(latents.dtype)], dim=1)
 
 
+@dataclass
+class TrainingColumns:
+    """Where a training dataset keeps each mode's input, and what spatial modes need to know."""
+
+    caption_column: str = "text"
+    class_column: str = "label"
+    layout_column: str = "layout"
+    segmentation_column: str = "segmentation"
+    downsampling_factor: int = 4
+
+
 class ConditioningMode:
     """One conditioning mode. Subclasses set ``name``, ``inputs`` (call arguments; the first one
     selects the mode), ``components`` (pipeline components it needs), ``kind`` and implement
-    :meth:`encode`."""
+    :meth:`condition` (and :meth:`null_values` where the mode has an unconditional input).
+
+    ``pipe`` is anything with the pipeline's attributes (``vae``, ``unet``, the encoders,
+    ``_execution_device``): the pipeline when sampling, the training loop's components when training.
+    """
 
     name: str = ""
     inputs: tuple[str, ...] = ()
     components: tuple[str, ...] = ()
     kind: str = "context"  # "context": cross-attention tokens; "concat": channels concatenated to z_t
+    cacheable: bool = True  # False where every step needs a fresh stage-1 encoding (random inpainting masks)
 
     def is_selected(self, values: dict) -> bool:
         """Whether the call's arguments ask for this mode."""
@@ -58,10 +74,51 @@ class ConditioningMode:
     def batch_size(self, values: dict) -> int:
         raise NotImplementedError
 
-    def encode(self, pipe, values: dict, latent_size: tuple[int, int]) -> tuple[Conditioning, Conditioning | None]:
-        """(condition, null condition or None) for a batch of ``batch_size(values)`` images."""
+    def condition(self, pipe, values: dict, latent_size: tuple[int, int]) -> Conditioning:
+        """The conditioning for a batch of ``batch_size(values)`` inputs."""
         raise NotImplementedError
+
+    def null_values(self, pipe, values: dict) -> dict | None:
+        """The inputs of the "null" condition for classifier-free guidance (same batch size), or None
+        where the mode has none."""
+        return None
+
+    def encode(self, pipe, values: dict, latent_size: tuple[int, int]) -> tuple[Conditioning, Conditioning | None]:
+        """(condition, null condition or None) for a batch of ``batch_size(values)`` inputs."""
+        null = self.null_values(pipe, values)
+        return self.condition(pipe, values, latent_size), None if null is None else self.condition(pipe, null, latent_size)
+
+    def drop(self, pipe, values: dict, mask: torch.Tensor) -> dict:
+        """``values`` with the rows where ``mask`` [B] is True replaced by the null input: the condition
+        dropout that trains one model to be both conditional and unconditional (classifier-free guidance)."""
+        if not bool(mask.any()):
+            return values
+        null = self.null_values(pipe, values)
+        if null is None:
+            raise ValueError(f"The {self.name} mode has no null input, so it cannot be dropped; set the dropout to 0.")
+        key = self.inputs[0]
+        kept, nulls = values[key], null[key]
+        if isinstance(kept, torch.Tensor):
+            dropped = torch.where(mask.to(kept.device).view(-1, *[1] * (kept.ndim - 1)), nulls.to(kept.device), kept)
+        else:
+            dropped = [n if m else k for k, n, m in zip(kept, nulls, mask.tolist())]
+        return {**values, key: dropped}
 
     def output_size(self, pipe, values: dict) -> tuple[int, int] | None:
         """(height, width) the input fixes, for modes whose input is an image; else None."""
         return None
+
+    # -- training ---------------------------------------------------------------------------------
+    def dataset_columns(self, columns: TrainingColumns) -> dict[str, str]:
+        """{dataset column: input name} that a training row must provide."""
+        return {}
+
+    def training_inputs(self, batch: dict, columns: TrainingColumns, rngs: list | None = None) -> dict:
+        """The mode's call inputs for a collated training batch (``pixel_values`` [B, 3, H, W] in
+        [-1, 1] unless latents were cached, plus the renamed dataset columns); ``rngs`` are per-example
+        ``numpy.random.Generator`` for modes that draw random inputs."""
+        return {name: batch[name] for name in self.dataset_columns(columns).values()}
+
+    def cache_inputs(self, batch: dict, columns: TrainingColumns) -> dict[str, torch.Tensor]:
+        """Tensors derived from the pixels that a latent cache must keep for :meth:`training_inputs`."""
+        return {}

@@ -40,7 +40,7 @@ class ClassEmbedder(ModelMixin, ConfigMixin):
 class ClassMode(ConditioningMode):
     """``class_labels`` (int, list or tensor [B]) -> one token each; null: the learned null class."""
 
-    name = "class_labels"
+    name = "class"
     inputs = ("class_labels",)
     components = ("class_embedder",)
 
@@ -51,9 +51,11 @@ class ClassMode(ConditioningMode):
     def batch_size(self, values):
         return self._labels(values).shape[0]
 
-    def encode(self, pipe, values, latent_size):
-        labels = self._labels(values)
-        return (
-            Conditioning(context=pipe.class_embedder(labels)),
-            Conditioning(context=pipe.class_embedder.null(labels.shape[0])),
-        )
+    def condition(self, pipe, values, latent_size):
+        return Conditioning(context=pipe.class_embedder(self._labels(values)))
+
+    def null_values(self, pipe, values):
+        return {"class_labels": torch.full_like(self._labels(values), pipe.class_embedder.null_class)}
+
+    def dataset_columns(self, columns):
+        return {columns.class_column: "class_labels"}

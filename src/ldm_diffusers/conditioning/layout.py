@@ -100,9 +100,20 @@ class LayoutMode(ConditioningMode):
     def batch_size(self, values):
         return len(as_layout_batch(values["layout"]))
 
-    def encode(self, pipe, values, latent_size):
-        layouts = as_layout_batch(values["layout"])
-        return (
-            Conditioning(context=pipe.layout_encoder(layouts)),
-            Conditioning(context=pipe.layout_encoder.null(len(layouts))),
-        )
+    def condition(self, pipe, values, latent_size):
+        return Conditioning(context=pipe.layout_encoder(as_layout_batch(values["layout"])))
+
+    def null_values(self, pipe, values):
+        return {"layout": [[] for _ in as_layout_batch(values["layout"])]}
+
+    def dataset_columns(self, columns):
+        return {columns.layout_column: "layout"}
+
+    def training_inputs(self, batch, columns, rngs=None):
+        """Dataset layouts, as rows ``[class, x0, y0, x1, y1]`` or pairs ``(class, (x0, y0, x1, y1))``."""
+
+        def as_pairs(layout):
+            layout = layout.tolist() if isinstance(layout, torch.Tensor) else layout
+            return [(int(o[0]), tuple(float(v) for v in (o[1:5] if len(o) == 5 else o[1]))) for o in layout]
+
+        return {"layout": [as_pairs(layout) for layout in batch["layout"]]}

@@ -49,9 +49,20 @@ class SuperResolutionMode(ConditioningMode):
         h, w = image_tensor(values["image"]).shape[-2:]
         return h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
 
-    def encode(self, pipe, values, latent_size):
-        low_res = image_tensor(values["image"]).to(pipe._execution_device)
-        return Conditioning(concat=low_res), None
+    def condition(self, pipe, values, latent_size):
+        return Conditioning(concat=image_tensor(values["image"]).to(pipe._execution_device))
+
+    def training_inputs(self, batch, columns, rngs=None):
+        """The training image downsampled by f (bicubic, antialiased) to the latent size, in [0, 1]."""
+        if "low_res" in batch:  # kept by the latent cache
+            return {"image": batch["low_res"]}
+        return {"image": self.cache_inputs(batch, columns)["low_res"]}
+
+    def cache_inputs(self, batch, columns):
+        pixels = batch["pixel_values"]
+        size = (pixels.shape[-2] // columns.downsampling_factor, pixels.shape[-1] // columns.downsampling_factor)
+        low_res = F.interpolate(pixels.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        return {"low_res": ((low_res + 1) / 2).clamp(0, 1)}
 
 
 class InpaintingMode(ConditioningMode):
@@ -72,7 +83,22 @@ class InpaintingMode(ConditioningMode):
     def output_size(self, pipe, values):
         return tuple(image_tensor(values["image"]).shape[-2:])
 
-    def encode(self, pipe, values, latent_size):
+    cacheable = False  # a new random mask every step needs a new E(masked image)
+
+    def training_inputs(self, batch, columns, rngs=None):
+        """The training image in [0, 1] and a random box / brush-stroke mask per example (the paper's
+        inpainting masks), drawn from that example's generator."""
+        from ..data.masks import random_inpainting_mask
+
+        if "pixel_values" not in batch:
+            raise ValueError("Inpainting trains on pixels (each step encodes a freshly masked image); drop --cache_latents.")
+        pixels = batch["pixel_values"]
+        h, w = pixels.shape[-2:]
+        rngs = rngs or [None] * pixels.shape[0]
+        masks = torch.stack([torch.from_numpy(random_inpainting_mask(h, w, rng)) for rng in rngs])[:, None]
+        return {"image": (pixels + 1) / 2, "mask_image": masks.to(pixels.device, pixels.dtype)}
+
+    def condition(self, pipe, values, latent_size):
         from ..models.autoencoders import latent_scaling_factor
 
         image = image_tensor(values["image"])
@@ -88,7 +114,7 @@ class InpaintingMode(ConditioningMode):
         latents = latents * latent_scaling_factor(pipe.vae)
         small_mask = F.interpolate(mask.to(device, latents.dtype), size=latents.shape[-2:], mode="nearest")
         small_mask = small_mask.expand(latents.shape[0], -1, -1, -1)
-        return Conditioning(concat=torch.cat([latents, small_mask], dim=1)), None
+        return Conditioning(concat=torch.cat([latents, small_mask], dim=1))
 
 
 class SegmentationMode(ConditioningMode):
@@ -96,7 +122,7 @@ class SegmentationMode(ConditioningMode):
     latent size; the number of classes is the UNet's number of concatenated channels."""
 
     kind = "concat"
-    name = "segmentation_map"
+    name = "segmentation"
     inputs = ("segmentation_map",)
 
     @staticmethod
@@ -118,7 +144,10 @@ class SegmentationMode(ConditioningMode):
     def output_size(self, pipe, values):
         return tuple(self._ids(values["segmentation_map"]).shape[-2:])
 
-    def encode(self, pipe, values, latent_size):
+    def dataset_columns(self, columns):
+        return {columns.segmentation_column: "segmentation_map"}
+
+    def condition(self, pipe, values, latent_size):
         ids = self._ids(values["segmentation_map"])
         num_classes = pipe.unet.config.in_channels - pipe.unet.config.out_channels
         if ids.min() < 0 or ids.max() >= num_classes:
@@ -126,4 +155,4 @@ class SegmentationMode(ConditioningMode):
                              f"this model knows 0..{num_classes - 1}.")
         one_hot = F.one_hot(ids, num_classes).permute(0, 3, 1, 2).float()
         small = F.interpolate(one_hot, size=latent_size, mode="nearest")
-        return Conditioning(concat=small.to(pipe._execution_device)), None
+        return Conditioning(concat=small.to(pipe._execution_device))

@@ -69,7 +69,9 @@ def build_text_transformer(
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
-    return BertModel(config, add_pooling_layer=False)
+    # With its (unused) pooler, so that the saved folder loads in a stock BertModel without missing keys;
+    # the training loop freezes the pooler.
+    return BertModel(config)
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
@@ -82,14 +84,15 @@ def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> to
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Token embeddings [B, n, hidden] of the prompts; no attention mask, as in CompVis."""
-    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    # the device from the parameters: a DDP-wrapped encoder has no ``.device``
+    ids = tokenize(tokenizer, prompts).to(next(text_encoder.parameters()).device)
     return text_encoder(ids)[0]
 
 
 class TextMode(ConditioningMode):
     """``prompt`` (+ ``negative_prompt``, default the empty prompt) -> text-encoder tokens."""
 
-    name = "prompt"
+    name = "text"
     inputs = ("prompt", "negative_prompt")
     components = ("text_encoder", "tokenizer")
 
@@ -100,12 +103,16 @@ class TextMode(ConditioningMode):
     def batch_size(self, values):
         return len(self._as_list(values["prompt"]))
 
-    def encode(self, pipe, values, latent_size):
+    def condition(self, pipe, values, latent_size):
+        return Conditioning(context=encode_prompts(pipe.tokenizer, pipe.text_encoder, self._as_list(values["prompt"])))
+
+    def null_values(self, pipe, values):
         prompts = self._as_list(values["prompt"])
         negative = values.get("negative_prompt")
         negatives = [""] * len(prompts) if negative is None else self._as_list(negative)
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; pass one each.")
-        cond = Conditioning(context=encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
-        null = Conditioning(context=encode_prompts(pipe.tokenizer, pipe.text_encoder, negatives))
-        return cond, null
+        return {"prompt": negatives}
+
+    def dataset_columns(self, columns):
+        return {columns.caption_column: "prompt"}

@@ -70,9 +70,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
 
 
-def render_emoji(char: str, resolution: int, font=None):
-    """One emoji as an RGB PIL image of resolution x resolution, composited on white; None if the
-    font draws it as several glyphs (sequences it does not support)."""
+def render_emoji_rgba(char: str, resolution: int, font=None):
+    """One emoji as an RGBA PIL image of resolution x resolution on a transparent background; None if
+    the font draws it as several glyphs (sequences it does not support)."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = font or ImageFont.truetype(str(FONT_PATH), NATIVE_SIZE)
@@ -85,8 +85,19 @@ def render_emoji(char: str, resolution: int, font=None):
     draw.text(offset, char, font=font, embedded_color=True)
     if canvas.getbbox() is None:
         return None
-    white = Image.new("RGBA", canvas.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(white, canvas).convert("RGB")
+    return canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def render_emoji(char: str, resolution: int, font=None):
+    """One emoji as an RGB PIL image of resolution x resolution, composited on white; None if the
+    font draws it as several glyphs (sequences it does not support)."""
+    from PIL import Image
+
+    glyph = render_emoji_rgba(char, CANVAS, font)
+    if glyph is None:
+        return None
+    white = Image.new("RGBA", glyph.size, (255, 255, 255, 255))
+    image = Image.alpha_composite(white, glyph).convert("RGB")
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 

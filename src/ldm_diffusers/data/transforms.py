@@ -13,21 +13,34 @@ import torch
 from PIL import Image
 
 
-def pil_to_tensor(image: Image.Image, resolution: int, center_crop: bool = True, random_flip: bool = False) -> torch.Tensor:
-    """RGB PIL image -> [3, resolution, resolution] float tensor in [-1, 1] (resize shorter side, crop)."""
-    image = image.convert("RGB")
-    w, h = image.size
+def _crop_geometry(size: tuple[int, int], resolution: int, center_crop: bool):
+    """(resized width, resized height, left, top) for "resize the shorter side, then crop"."""
+    w, h = size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     if center_crop:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    else:
-        left, top = random.randint(0, new_w - resolution), random.randint(0, new_h - resolution)
+        return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+    return new_w, new_h, random.randint(0, new_w - resolution), random.randint(0, new_h - resolution)
+
+
+def _resize_crop(image: Image.Image, resolution: int, geometry, flip: bool, resample) -> Image.Image:
+    new_w, new_h, left, top = geometry
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), resample)
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and random.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def pil_to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool = True, random_flip: bool = False, geometry=None,
+    flip: bool | None = None,
+) -> torch.Tensor:
+    """RGB PIL image -> [3, resolution, resolution] float tensor in [-1, 1] (resize shorter side, crop).
+    ``geometry`` / ``flip`` fix the crop and flip (to transform paired maps the same way)."""
+    image = image.convert("RGB")
+    geometry = geometry or _crop_geometry(image.size, resolution, center_crop)
+    flip = (random_flip and random.random() < 0.5) if flip is None else flip
+    image = _resize_crop(image, resolution, geometry, flip, Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -47,8 +60,9 @@ def load_image_splits(
     seed: int = 0,
     cache_dir: str | None = None,
 ):
-    """(train, validation) ``datasets.Dataset`` from a Hub dataset, a local imagefolder, or the built-in
-    emoji set (``dataset_name="emoji"`` or nothing). A source without a validation split gets one by a
+    """(train, validation) ``datasets.Dataset`` from a Hub dataset, a local imagefolder, the built-in
+    emoji set (``dataset_name="emoji"`` or nothing) or the built-in emoji scenes with layouts and
+    semantic maps (``"emoji-scenes"``). A source without a validation split gets one by a
     seeded ``train_test_split``."""
     from datasets import load_dataset
 
@@ -60,6 +74,10 @@ def load_image_splits(
         from .emoji import load_emoji_dataset
 
         data = load_emoji_dataset(resolution=resolution)
+    elif dataset_name in ("emoji-scenes", "builtin:emoji-scenes"):
+        from .scenes import load_scene_dataset
+
+        data = load_scene_dataset(resolution=resolution)
     else:
         data = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
     if "train" not in data:
@@ -101,3 +119,65 @@ def pixel_transform(image_column: str, resolution: int, center_crop: bool = True
 
 def collate_pixels(examples) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+
+
+def _transform_layout(layout, size, resolution: int, geometry, flip: bool) -> list[list[float]]:
+    """Boxes [class, x0, y0, x1, y1] in [0, 1] of the original image -> the same in the crop; objects
+    cropped away are dropped."""
+    new_w, new_h, left, top = geometry
+    out = []
+    for obj in layout:
+        c, x0, y0, x1, y1 = (list(obj[:1]) + list(obj[1])) if len(obj) == 2 else list(obj)
+        x0, x1 = [min(max((v * new_w - left) / resolution, 0.0), 1.0) for v in (x0, x1)]
+        y0, y1 = [min(max((v * new_h - top) / resolution, 0.0), 1.0) for v in (y0, y1)]
+        if flip:
+            x0, x1 = 1.0 - x1, 1.0 - x0
+        if x1 > x0 and y1 > y0:
+            out.append([int(c), x0, y0, x1, y1])
+    return out
+
+
+def example_transform(
+    image_column: str, resolution: int, center_crop: bool = True, random_flip: bool = False,
+    columns: dict[str, str] | None = None,
+):
+    """A ``Dataset.set_transform`` function for diffusion training: ``pixel_values`` [3, R, R] in [-1, 1]
+    plus each dataset column renamed to the conditioning input it feeds (``columns``: {column: input}).
+    Segmentation maps and layouts get the image's own crop and flip."""
+    columns = columns or {}
+
+    def transform(batch):
+        out = {"pixel_values": [], **{name: [] for name in columns.values()}}
+        for i, image in enumerate(batch[image_column]):
+            geometry = _crop_geometry(image.size, resolution, center_crop)
+            flip = random_flip and random.random() < 0.5
+            out["pixel_values"].append(pil_to_tensor(image, resolution, geometry=geometry, flip=flip))
+            for column, name in columns.items():
+                value = batch[column][i]
+                if name == "segmentation_map":
+                    if not isinstance(value, Image.Image):
+                        value = Image.fromarray(np.asarray(value, dtype=np.uint8))
+                    if value.size != image.size:
+                        raise ValueError(f"Segmentation map of row {i} is {value.size}, its image {image.size}; they must match.")
+                    value = _resize_crop(value, resolution, geometry, flip, Image.Resampling.NEAREST)
+                    value = torch.from_numpy(np.array(value, dtype=np.int64))
+                elif name == "layout":
+                    value = _transform_layout(value, image.size, resolution, geometry, flip)
+                out[name].append(value)
+        return out
+
+    return transform
+
+
+def collate_examples(examples: list[dict]) -> dict:
+    """Stack tensors, make class labels a LongTensor and keep strings and layouts as lists."""
+    batch = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif key in ("class_labels", "index"):
+            batch[key] = torch.as_tensor(values, dtype=torch.long)
+        else:
+            batch[key] = values
+    return batch

@@ -29,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..conditioning import MODES, Conditioning, ConditioningMode
 from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
+from ..utils.attention import require_xformers
 
 LIBRARY = "ldm_diffusers"
 # diffusers' own LDM repositories (LDMTextToImagePipeline, e.g. CompVis/ldm-text2im-large-256, and the
@@ -149,21 +150,7 @@ class LDMPipeline(DiffusionPipeline):
         """Use xformers' attention kernels where they run; otherwise raise and say why. PyTorch's
         ``scaled_dot_product_attention`` (diffusers' ``AttnProcessor2_0``) is the default and is already
         memory-efficient on GPUs, so there is nothing to lose by staying on it."""
-        fallback = (
-            "The pipeline keeps PyTorch SDPA attention (AttnProcessor2_0, the default), which is already "
-            "memory-efficient; nothing else is needed."
-        )
-        try:
-            import xformers.ops
-        except ImportError as err:
-            raise RuntimeError(f"xformers is not installed (`pip install ldm-diffusers[xformers]`). {fallback}") from err
-        if self._execution_device.type != "cuda":
-            raise RuntimeError(f"xformers has no kernels for '{self._execution_device.type}' (CUDA only). {fallback}")
-        try:  # wheels built for another torch/CUDA import fine but fail on first use
-            q = torch.zeros(1, 2, 1, 64, device=self._execution_device, dtype=torch.float16)
-            xformers.ops.memory_efficient_attention(q, q, q)
-        except Exception as err:
-            raise RuntimeError(f"xformers is installed but its kernels do not run here ({err}). {fallback}") from err
+        require_xformers(self._execution_device)
         super().enable_xformers_memory_efficient_attention(attention_op)
 
     def enable_vae_slicing(self):

@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -432,13 +431,11 @@ def train(args: argparse.Namespace) -> dict:
 def evaluate_and_save(model, val_dl, output_dir: Path, args) -> dict:
     """Save the autoencoder into ``output_dir`` (atomically, file by file) and evaluate it."""
     from ..evaluation import evaluate_autoencoder
-    from ..utils.checkpoints import atomic_directory
+    from ..utils.checkpoints import atomic_directory, publish_into
 
     tmp = atomic_directory(output_dir / "final")
     model.save_pretrained(tmp, safe_serialization=True)
-    for file in tmp.iterdir():
-        os.replace(file, output_dir / file.name)
-    tmp.rmdir()
+    publish_into(tmp, output_dir)
     return evaluate_autoencoder(model, val_dl, max_samples=args.max_eval_samples, compute_rfid=not args.skip_rfid)
 
 

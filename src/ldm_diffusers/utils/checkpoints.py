@@ -117,3 +117,18 @@ def publish_directory(tmp_dir: Path, final_dir: str | os.PathLike) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+def publish_into(tmp_dir: Path, output_dir: str | os.PathLike) -> None:
+    """Move every entry of a fully written ``tmp_dir`` into ``output_dir`` (files with ``os.replace``,
+    folders with :func:`publish_directory`), leaving other entries of ``output_dir`` alone."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(Path(tmp_dir).iterdir()):
+        if entry.is_dir():
+            publish_directory(entry, output_dir / entry.name)
+        else:
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(entry, output_dir / entry.name)
+    Path(tmp_dir).rmdir()

@@ -1,0 +1,738 @@
+"""Stage-2 training: the latent diffusion model eps_theta(z_t, t, tau_theta(y)) for every conditioning mode.
+
+Run through ``examples/train_text_to_image.py`` (``accelerate launch`` or plain ``python``) or
+``ldm-diffusers train``. Flags follow diffusers' ``examples/text_to_image/train_text_to_image.py``
+where it has one. Each step:
+
+1. z0 = E(x) * scale (from pixels with the frozen stage-1 encoder, or from the latent cache);
+2. the mode's inputs y from the batch, dropped to the null input with probability
+   ``--conditioning_dropout_prob`` (classifier-free guidance);
+3. t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps;
+4. loss = ||target - eps_theta(z_t, t, tau_theta(y))||^2 with target eps (or v), optionally
+   min-SNR-gamma weighted; tau_theta is trained with the UNet when it has weights of its own.
+
+All per-example randomness (t, eps, the posterior sample, dropout, inpainting masks) comes from a
+generator seeded by (seed, epoch, dataset index), so a run resumes exactly and a 2-process run sees the
+same draws for the same images as a 1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..conditioning import MODES, Conditioning, TrainingColumns
+from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
+from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+CONDITIONINGS = {mode.name: mode for mode in MODES}
+CONDITIONINGS["unconditional"] = None
+SCHEDULE_FOR_MODE = {"text": "text", "class": "class"}  # every other mode: the unconditional LDM schedule
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a latent diffusion model (UNet + conditioning encoder) in the latent space of a "
+        "stage-1 autoencoder. --conditioning picks the mode: text, class, layout, super_resolution, inpainting, "
+        "segmentation or unconditional. Flag names follow diffusers' train_text_to_image.py.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="Stage-1 autoencoder folder (from train_autoencoder.py) or any AutoencoderKL/VQModel folder.")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="An LDMPipeline folder to continue from (its vae, unet and encoders).")
+    g.add_argument("--conditioning", choices=sorted(CONDITIONINGS), default="text", help="The conditioning mode.")
+    g.add_argument("--text_encoder", choices=["transformer", "frozen"], default="transformer",
+                   help="'transformer': a BERT-style transformer trained jointly (the paper); 'frozen': a pretrained "
+                   "transformers encoder (--text_encoder_name_or_path, default the offline MiniLM).")
+    g.add_argument("--text_encoder_name_or_path", default=None, help="Frozen text encoder folder (default MiniLM).")
+    g.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer (default: BERT WordPiece from MiniLM).")
+    g.add_argument("--context_dim", type=int, default=256, help="Token width of the trained encoders.")
+    g.add_argument("--text_encoder_layers", type=int, default=4)
+    g.add_argument("--text_encoder_heads", type=int, default=4)
+    g.add_argument("--max_prompt_length", type=int, default=77, help="Tokens per prompt (CompVis: 77).")
+    g.add_argument("--num_classes", type=int, default=None, help="Class count (default: from the dataset).")
+    g.add_argument("--num_segmentation_classes", type=int, default=None,
+                   help="Classes of the semantic maps, background included (default: from emoji-scenes).")
+    g.add_argument("--max_objects", type=int, default=8, help="Layout encoder: objects per layout.")
+    g.add_argument("--layout_encoder_layers", type=int, default=2)
+    g.add_argument("--unet_base_channels", type=int, default=64)
+    g.add_argument("--unet_channel_multipliers", type=int, nargs="+", default=[1, 2, 2])
+    g.add_argument("--unet_attention_levels", type=int, nargs="*", default=None,
+                   help="Levels with transformer blocks (default: all but the first).")
+    g.add_argument("--unet_layers_per_block", type=int, default=1)
+    g.add_argument("--attention_head_dim", type=int, default=32)
+    g.add_argument("--transformer_depth", type=int, default=1)
+    g.add_argument("--norm_num_groups", type=int, default=32)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None,
+                   help="Hub dataset id, 'emoji' (default for text/class/unconditional/super_resolution/inpainting) "
+                   "or 'emoji-scenes' (default for layout/segmentation).")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl.")
+    g.add_argument("--image_column", default=None, help="Default: the first Image column.")
+    g.add_argument("--caption_column", default="text")
+    g.add_argument("--class_column", default=None, help="Default: 'label', else 'group_id' (emoji).")
+    g.add_argument("--layout_column", default="layout")
+    g.add_argument("--segmentation_column", default="segmentation")
+    g.add_argument("--resolution", type=int, default=64)
+    g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_latents", action="store_true",
+                   help="Encode the dataset once with the frozen stage-1 encoder (and frozen text encoder).")
+    g.add_argument("--latent_cache_dir", default=None, help="Default: <output_dir>/latent_cache.")
+    g.add_argument("--cache_dir", default=None, help="datasets/Hub cache folder.")
+
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--noise_schedule", choices=["text", "class", "unconditional"], default=None,
+                   help="Beta preset (default: text for text, class for class, else unconditional).")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
+    g.add_argument("--conditioning_dropout_prob", "--proportion_empty_prompts", type=float, default=None,
+                   help="Probability of training on the null condition (CFG); default 0.1 where the mode has one.")
+    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is typical).")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--input_perturbation", type=float, default=0.0)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Per-device batch size.")
+    g.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps.")
+    g.add_argument("--max_train_steps", type=int, default=2000)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true", help="Multiply by batch x accumulation x processes.")
+    g.add_argument("--lr_scheduler", default="constant_with_warmup",
+                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
+    g.add_argument("--lr_warmup_steps", type=int, default=100)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action="store_true", help="EMA of the UNet; the saved pipeline uses it.")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention (CUDA); PyTorch SDPA is the default.")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("output, checkpoints, validation")
+    g.add_argument("--output_dir", default="outputs/ldm")
+    g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
+    g.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'.")
+    g.add_argument("--tracker_project_name", default="train_latent_diffusion")
+    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    g.add_argument("--validation_steps", type=int, default=500, help="Sample a validation grid every N steps.")
+    g.add_argument("--validation_epochs", type=int, default=None, help="Also validate every N epochs.")
+    g.add_argument("--validation_prompts", nargs="+", default=None, help="Default: validation captions.")
+    g.add_argument("--validation_class_labels", type=int, nargs="+", default=None)
+    g.add_argument("--num_validation_images", type=int, default=8)
+    g.add_argument("--validation_inference_steps", type=int, default=50)
+    g.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Used where the mode has a null input.")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_private", action="store_true")
+    return p
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not (args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path):
+        parser.error(
+            "pass --pretrained_vae_model_name_or_path (a stage-1 folder: train one with `ldm-diffusers "
+            "train-autoencoder --output_dir outputs/kl-f4`) or --pretrained_model_name_or_path (an LDMPipeline)."
+        )
+    mode = CONDITIONINGS[args.conditioning]
+    has_null = mode is not None and mode.kind == "context"
+    if args.conditioning_dropout_prob is None:
+        args.conditioning_dropout_prob = 0.1 if has_null else 0.0
+    if not 0 <= args.conditioning_dropout_prob <= 1:
+        parser.error("--conditioning_dropout_prob must lie in [0, 1].")
+    if args.conditioning_dropout_prob > 0 and not has_null:
+        parser.error(f"--conditioning {args.conditioning} has no null input to drop to; leave --conditioning_dropout_prob at 0.")
+    if args.dataset_name is None and args.train_data_dir is None:
+        args.dataset_name = "emoji-scenes" if args.conditioning in ("layout", "segmentation") else "emoji"
+    if args.noise_schedule is None:
+        args.noise_schedule = SCHEDULE_FOR_MODE.get(args.conditioning, "unconditional")
+    if args.cache_latents and mode is not None and not mode.cacheable:
+        parser.error(f"--cache_latents cannot serve --conditioning {args.conditioning}: its random masks need a "
+                     "fresh stage-1 encoding every step.")
+    return args
+
+
+# -- models -----------------------------------------------------------------------------------------
+class Denoiser(nn.Module):
+    """eps_theta(z_t, t, tau_theta(y)) as one module: the UNet plus the conditioning encoder that trains with
+    it, so that accelerate wraps (DDP/FSDP), synchronises and checkpoints them together. Frozen parts (the
+    stage-1 model, a pretrained text encoder) are kept outside the module's parameters."""
+
+    def __init__(self, unet, mode, trainable: dict[str, nn.Module], frozen: dict):
+        super().__init__()
+        self.unet = unet
+        self.mode = mode
+        self.encoders = nn.ModuleDict(trainable)
+        for module in trainable.values():  # weights the forward never uses (a BERT pooler): no gradient to wait for
+            if getattr(module, "pooler", None) is not None:
+                module.pooler.requires_grad_(False)
+        self._frozen = frozen  # a plain dict: not parameters, not in checkpoints
+
+    def components(self) -> SimpleNamespace:
+        """The pipeline-like view the conditioning modes read."""
+        parts = {"text_encoder": None, "tokenizer": None, "class_embedder": None, "layout_encoder": None}
+        parts.update(self._frozen)
+        parts.update(dict(self.encoders.items()))
+        return SimpleNamespace(unet=self.unet, _execution_device=next(self.unet.parameters()).device, **parts)
+
+    def forward(self, noisy_latents, timesteps, values: dict | None = None, conditioning: Conditioning | None = None):
+        """``values``: the mode's inputs (encoded here, with gradients into trainable encoders); or a
+        ready ``conditioning`` (cached or frozen tokens). Returns the prediction [B, c, h, w]."""
+        if conditioning is None:
+            conditioning = Conditioning()
+            if self.mode is not None:
+                conditioning = self.mode.condition(self.components(), values, tuple(noisy_latents.shape[-2:]))
+        model_input = conditioning.model_input(noisy_latents)
+        return self.unet(model_input, timesteps, encoder_hidden_states=conditioning.context).sample
+
+
+def _class_count(args, train_ds) -> int:
+    from datasets import ClassLabel
+
+    if args.num_classes:
+        return args.num_classes
+    feature = train_ds.features.get(args.class_column)
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    return int(max(train_ds[args.class_column])) + 1
+
+
+def _segmentation_classes(args) -> int:
+    if args.num_segmentation_classes:
+        return args.num_segmentation_classes
+    if args.dataset_name == "emoji-scenes":
+        from ..data.scenes import scene_classes
+
+        return len(scene_classes(args.resolution)) + 1
+    raise SystemExit("Pass --num_segmentation_classes (the classes of your semantic maps, background included).")
+
+
+def build_models(args, train_ds):
+    """(vae, unet, trainable encoders, frozen components, tokenizer) for ``args``."""
+    from ..conditioning import ClassEmbedder, LayoutEncoder, bert_tokenizer, build_text_transformer, load_frozen_text_encoder
+    from ..models.autoencoders import load_autoencoder
+    from ..models.unet import LDMUNet2DConditionModel
+
+    mode = CONDITIONINGS[args.conditioning]
+    trainable, frozen = {}, {}
+    if args.pretrained_model_name_or_path:
+        from ..pipelines import LDMPipeline
+
+        pipe = LDMPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        for name in ("class_embedder", "layout_encoder", "text_encoder"):
+            module = getattr(pipe, name)
+            if module is not None:
+                (frozen if name == "text_encoder" and args.text_encoder == "frozen" else trainable)[name] = module
+        if pipe.tokenizer is not None:
+            frozen["tokenizer"] = pipe.tokenizer
+        if mode is not None and mode.kind == "concat":
+            frozen["vae"] = pipe.vae
+        return pipe.vae, pipe.unet, trainable, frozen
+    vae = load_autoencoder(args.pretrained_vae_model_name_or_path)
+    context_dim, concat = None, 0
+    if args.conditioning == "text":
+        if args.text_encoder == "frozen":
+            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path)
+            frozen["text_encoder"] = encoder
+        else:
+            tokenizer = bert_tokenizer(args.tokenizer_name_or_path)
+            encoder = build_text_transformer(
+                vocab_size=len(tokenizer), context_dim=args.context_dim, depth=args.text_encoder_layers,
+                num_heads=args.text_encoder_heads, max_length=args.max_prompt_length,
+            )
+            trainable["text_encoder"] = encoder
+        tokenizer.model_max_length = args.max_prompt_length  # saved with the tokenizer: sampling pads the same
+        frozen["tokenizer"] = tokenizer
+        context_dim = encoder.config.hidden_size
+    elif args.conditioning == "class":
+        trainable["class_embedder"] = ClassEmbedder(num_classes=_class_count(args, train_ds), context_dim=args.context_dim)
+        context_dim = args.context_dim
+    elif args.conditioning == "layout":
+        from ..data.scenes import scene_classes
+
+        classes = args.num_classes or (len(scene_classes(args.resolution)) if args.dataset_name == "emoji-scenes" else None)
+        if classes is None:
+            raise SystemExit("Pass --num_classes (the object classes of your layouts).")
+        trainable["layout_encoder"] = LayoutEncoder(
+            num_classes=classes, context_dim=args.context_dim, max_objects=args.max_objects,
+            depth=args.layout_encoder_layers, num_heads=max(1, args.context_dim // 64),
+        )
+        context_dim = args.context_dim
+    elif args.conditioning == "super_resolution":
+        concat = 3
+    elif args.conditioning == "inpainting":
+        concat = vae.latent_channels_for_diffusion + 1
+    elif args.conditioning == "segmentation":
+        concat = _segmentation_classes(args)
+    if mode is not None and mode.kind == "concat":
+        frozen["vae"] = vae
+    unet = LDMUNet2DConditionModel.from_ldm_config(
+        latent_channels=vae.latent_channels_for_diffusion,
+        concat_channels=concat,
+        context_dim=context_dim,
+        base_channels=args.unet_base_channels,
+        channel_multipliers=args.unet_channel_multipliers,
+        attention_levels=args.unet_attention_levels,
+        layers_per_block=args.unet_layers_per_block,
+        attention_head_dim=args.attention_head_dim,
+        transformer_depth=args.transformer_depth,
+        norm_num_groups=args.norm_num_groups,
+        sample_size=args.resolution // vae.downsampling_factor,
+    )
+    return vae, unet, trainable, frozen
+
+
+# -- per-example randomness -------------------------------------------------------------------------
+def example_generators(seed: int, epoch: int, indices: torch.Tensor):
+    """(torch generator, numpy generator) per example, seeded by (seed, epoch, dataset index)."""
+    gens = []
+    for index in indices.tolist():
+        state = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
+        gens.append((torch.Generator().manual_seed(int(state[0])), np.random.default_rng(int(state[1]))))
+    return gens
+
+
+def draw_noise(gens, latent_shape, num_train_timesteps: int, dropout: float) -> dict[str, torch.Tensor]:
+    """Each example's draws, stacked over the batch: ``t`` [B], ``noise`` eps, ``offset`` [B, c, 1, 1]
+    (noise offset), ``perturbation`` (input perturbation), ``posterior`` (the KL posterior's eps), all
+    [B, c, h, w] unless noted, and ``drop`` [B] (condition dropout). Always drawn in this order."""
+    draws = {"t": [], "noise": [], "offset": [], "perturbation": [], "posterior": [], "drop": []}
+    for g, _ in gens:
+        draws["t"].append(torch.randint(0, num_train_timesteps, (), generator=g))
+        draws["noise"].append(torch.randn(latent_shape, generator=g))
+        draws["offset"].append(torch.randn(latent_shape[0], 1, 1, generator=g))
+        draws["perturbation"].append(torch.randn(latent_shape, generator=g))
+        draws["posterior"].append(torch.randn(latent_shape, generator=g))
+        draws["drop"].append(torch.rand((), generator=g) < dropout)
+    return {name: torch.stack(values) for name, values in draws.items()}
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+class IndexedDataset(torch.utils.data.Dataset):
+    """Rows of a transformed ``datasets.Dataset`` with their index (which seeds the example's randomness)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {**self.dataset[i], "index": i}
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"The diffusion loss became {loss.item()} at step {step}. Lower --learning_rate, use --mixed_precision "
+            "bf16 instead of fp16, or keep --max_grad_norm; then resume with --resume_from_checkpoint latest."
+        )
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train, save the ``LDMPipeline`` to ``args.output_dir`` and return a summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    from ..models.autoencoders import latent_scaling_factor
+    from ..schedulers import ldm_scheduler
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    mode = CONDITIONINGS[args.conditioning]
+
+    # Data ---------------------------------------------------------------------------------------
+    with accelerator.main_process_first():
+        train_ds, val_ds = load_image_splits(
+            args.dataset_name, args.dataset_config_name, args.train_data_dir, args.resolution, 0.1, args.seed,
+            args.cache_dir,
+        )
+    if args.max_train_samples:
+        train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
+    if args.class_column is None:
+        args.class_column = "label" if "label" in train_ds.column_names or "group_id" not in train_ds.column_names else "group_id"
+    vae, unet, trainable, frozen = build_models(args, train_ds)
+    columns = TrainingColumns(args.caption_column, args.class_column, args.layout_column, args.segmentation_column,
+                              vae.downsampling_factor)
+    needed = mode.dataset_columns(columns) if mode is not None else {}
+    missing = [c for c in needed if c not in train_ds.column_names]
+    if missing:
+        raise SystemExit(f"--conditioning {args.conditioning} reads the column(s) {missing}, which the dataset lacks "
+                         f"(it has {train_ds.column_names}); name the right one with the matching --*_column flag.")
+    if args.resolution % vae.downsampling_factor:
+        raise SystemExit(f"--resolution {args.resolution} is not divisible by the autoencoder's f={vae.downsampling_factor}.")
+    image_column = image_column_of(train_ds, args.image_column)
+    train_ds.set_transform(example_transform(image_column, args.resolution, args.center_crop, args.random_flip, needed))
+    val_ds.set_transform(example_transform(image_column, args.resolution, True, False, needed))
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in [vae] + [m for m in frozen.values() if isinstance(m, nn.Module)]:
+        module.requires_grad_(False).eval().to(accelerator.device)
+        if weight_dtype != torch.float32:  # frozen parts run in the mixed-precision dtype, as in diffusers
+            module.to(dtype=weight_dtype)
+    scale = latent_scaling_factor(vae)
+    text_frozen = args.conditioning == "text" and "text_encoder" in frozen
+
+    train_rows = IndexedDataset(train_ds)
+    if args.cache_latents:
+        from .latent_cache import build_latent_cache, weights_digest
+
+        settings = {
+            "vae": weights_digest(vae), "dataset": train_ds._fingerprint, "resolution": args.resolution,
+            "center_crop": args.center_crop, "random_flip": args.random_flip, "columns": needed, "seed": args.seed,
+            "mode": args.conditioning, "text": weights_digest(frozen["text_encoder"]) if text_frozen else None,
+            "max_prompt_length": args.max_prompt_length, "f": vae.downsampling_factor,
+        }
+        cache_dir = Path(args.latent_cache_dir or output_dir / "latent_cache")
+        with accelerator.main_process_first():
+            train_rows = build_latent_cache(
+                train_rows, vae, mode, columns, cache_dir, settings,
+                (frozen["tokenizer"], frozen["text_encoder"]) if text_frozen else None,
+                batch_size=args.train_batch_size, show_progress=accelerator.is_local_main_process,
+            )
+    train_dl = torch.utils.data.DataLoader(
+        train_rows, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_examples,
+        num_workers=args.dataloader_num_workers, drop_last=len(train_rows) >= args.train_batch_size,
+        generator=torch.Generator().manual_seed(args.seed),  # private: see training/autoencoder.py
+    )
+
+    # Model, optimiser, schedules ------------------------------------------------------------------
+    if args.enable_xformers_memory_efficient_attention:
+        from ..utils.attention import require_xformers
+
+        require_xformers(accelerator.device)
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if "text_encoder" in trainable:
+            trainable["text_encoder"].gradient_checkpointing_enable()
+    denoiser = Denoiser(unet, mode, trainable, frozen)
+    noise_scheduler = ldm_scheduler("ddpm", args.noise_schedule, args.prediction_type, args.num_train_timesteps)
+    lr = args.learning_rate * (
+        args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    )
+    optimizer_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise SystemExit("--use_8bit_adam needs bitsandbytes (`pip install bitsandbytes`, CUDA).") from err
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
+    optimizer = optimizer_cls(
+        [p for p in denoiser.parameters() if p.requires_grad], lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps / accelerator.num_processes)
+    if args.num_train_epochs:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_sched = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    denoiser, optimizer, train_dl, lr_sched = accelerator.prepare(denoiser, optimizer, train_dl, lr_sched)
+    raw = accelerator.unwrap_model(denoiser)
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(raw.unet.parameters(), decay=args.ema_decay, model_cls=type(raw.unet), model_config=raw.unet.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    null_context = None
+    if text_frozen and args.cache_latents:
+        from ..conditioning.text import encode_prompts
+
+        with torch.no_grad():
+            null_context = encode_prompts(frozen["tokenizer"], frozen["text_encoder"], [""]).to(weight_dtype)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.report_to != "none":
+            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers(args.tracker_project_name, config=config)
+
+    # Resume ---------------------------------------------------------------------------------------
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        global_step, first_epoch, resume_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
+        log_file = output_dir / "train_log.jsonl"
+        if accelerator.is_main_process and log_file.is_file():
+            kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+            log_file.write_text("".join(line + "\n" for line in kept))
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+
+    validation = ValidationSet(args, mode, columns, val_ds)
+
+    def validate(step: int):
+        if accelerator.is_main_process:
+            validation.run(accelerator, build_pipeline(args, raw, vae, ema), output_dir, step)
+
+    n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s.",
+                args.conditioning, n_params / 1e6, len(train_rows), args.max_train_steps,
+                "cached" if args.cache_latents else "encoded each step")
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc=f"train LDM ({args.conditioning})",
+                    disable=not accelerator.is_local_main_process)
+    epoch, done = first_epoch, global_step >= args.max_train_steps
+    window_start, window_images = time.perf_counter(), 0
+    train_start, train_images, losses = time.perf_counter(), 0, []
+    while not done:
+        train_dl.set_epoch(epoch)
+        loader, batches_in_epoch = train_dl, 0
+        if epoch == first_epoch and resume_batches:
+            loader, batches_in_epoch = accelerator.skip_first_batches(train_dl, resume_batches), resume_batches
+        for batch in loader:
+            batches_in_epoch += 1
+            with accelerator.accumulate(denoiser):
+                loss = diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_scheduler, scale,
+                                      null_context, weight_dtype, compute_snr, accelerator)
+                _check_finite(loss.detach(), global_step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_images = len(batch["index"]) * accelerator.num_processes
+            window_images += batch_images
+            train_images += batch_images
+            losses.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step(raw.unet.parameters())
+            progress.update(1)
+            step_loss, losses = float(np.mean(losses)), []
+            if global_step % args.logging_steps == 0 or global_step == 1:
+                now = time.perf_counter()
+                scalars = {"loss": step_loss, "lr": lr_sched.get_last_lr()[0],
+                           "images_per_s": window_images / max(now - window_start, 1e-9)}
+                window_start, window_images = now, 0
+                accelerator.log(scalars, step=global_step)
+                if accelerator.is_main_process:
+                    with open(output_dir / "train_log.jsonl", "a") as handle:
+                        handle.write(json.dumps({"step": global_step, **scalars}) + "\n")
+                progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                save_checkpoint(accelerator, output_dir,
+                                {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
+                                args.checkpoints_total_limit)
+            if args.validation_steps and global_step % args.validation_steps == 0:
+                validate(global_step)
+            if global_step >= args.max_train_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            if args.validation_epochs and epoch % args.validation_epochs == 0:
+                validate(global_step)
+    progress.close()
+    elapsed = time.perf_counter() - train_start
+
+    # The whole pipeline, EMA weights in the UNet ----------------------------------------------------
+    accelerator.wait_for_everyone()
+    summary = {"steps": global_step, "seconds": elapsed, "images_per_s": train_images / max(elapsed, 1e-9),
+               "cache_latents": args.cache_latents, "conditioning": args.conditioning}
+    if accelerator.is_main_process:
+        pipe = build_pipeline(args, raw, vae, ema, final=True)
+        save_pipeline(pipe, output_dir)
+        summary["validation_grid"] = str(validation.run(accelerator, pipe, output_dir, global_step))
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or output_dir.resolve().name
+            pipe.push_to_hub(repo_id, private=args.hub_private, token=args.hub_token,
+                             model_card_text=training_card_text(args, summary),
+                             datasets=[args.dataset_name] if args.dataset_name and "/" in args.dataset_name else None)
+    accelerator.end_training()
+    return summary
+
+
+def diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_scheduler, scale, null_context,
+                   weight_dtype, compute_snr, accelerator) -> torch.Tensor:
+    """The LDM objective on one batch (see the module docstring)."""
+    device = accelerator.device
+    gens = example_generators(args.seed, epoch, batch["index"])
+    if "latent_mean" in batch or "latents" in batch:
+        moments = {k: batch[k] for k in ("latent_mean", "latent_std", "latents") if k in batch}
+    else:
+        from .latent_cache import encode_latent_moments
+
+        moments = encode_latent_moments(vae, batch["pixel_values"])
+    base = moments.get("latents", moments.get("latent_mean"))
+    draws = draw_noise(gens, tuple(base.shape[1:]), noise_scheduler.config.num_train_timesteps,
+                       args.conditioning_dropout_prob)
+    draws = {name: value.to(device) for name, value in draws.items()}
+    t, drop = draws["t"], draws["drop"]
+    if "latents" in moments:
+        z0 = moments["latents"].to(device).float() * scale
+    else:  # a sample of the KL posterior, as CompVis' get_first_stage_encoding
+        z0 = (moments["latent_mean"].to(device).float()
+              + moments["latent_std"].to(device).float() * draws["posterior"]) * scale
+    noise = draws["noise"] + args.noise_offset * draws["offset"]
+    noisy = noise_scheduler.add_noise(z0, noise + args.input_perturbation * draws["perturbation"], t)
+    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
+
+    conditioning, values = None, None
+    if "context" in batch:  # cached frozen text tokens; dropout swaps in the empty prompt's tokens
+        context = batch["context"].to(device, weight_dtype)
+        context = torch.where(drop.view(-1, 1, 1), null_context.expand_as(context), context)
+        conditioning = Conditioning(context=context)
+    elif mode is not None:
+        values = mode.training_inputs(batch, columns, [np_rng for _, np_rng in gens])
+        values = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+        values = mode.drop(raw.components(), values, drop)
+    with accelerator.autocast():
+        pred = denoiser(noisy, t, values, conditioning)
+    pred, target = pred.float(), target.float()
+    if args.snr_gamma is None:
+        return F.mse_loss(pred, target)
+    snr = compute_snr(noise_scheduler, t)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
+    per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    return (per_example * weights).mean()
+
+
+# -- pipeline, validation, saving -----------------------------------------------------------------
+def build_pipeline(args, raw: Denoiser, vae, ema=None, final: bool = False):
+    """An ``LDMPipeline`` around the trained parts (a copy of the UNet with EMA weights if kept)."""
+    import copy
+
+    from ..pipelines import LDMPipeline
+    from ..schedulers import ldm_scheduler
+
+    unet = raw.unet
+    if ema is not None:
+        unet = copy.deepcopy(unet)
+        ema.copy_to(unet.parameters())
+    parts = raw.components()
+    text_encoder = parts.text_encoder
+    return LDMPipeline(
+        vae=vae, unet=unet, scheduler=ldm_scheduler("ddim", args.noise_schedule, args.prediction_type, args.num_train_timesteps),
+        text_encoder=text_encoder, tokenizer=parts.tokenizer, class_embedder=parts.class_embedder,
+        layout_encoder=parts.layout_encoder,
+    )
+
+
+def save_pipeline(pipe, output_dir: Path) -> None:
+    """``save_pretrained`` into a temporary folder, then move each component into ``output_dir``."""
+    from ..utils.checkpoints import atomic_directory, publish_into
+
+    tmp = atomic_directory(output_dir / "pipeline")
+    for _, module in pipe.components.items():  # weights are saved in float32 whatever the training precision
+        if isinstance(module, nn.Module) and module.dtype != torch.float32:
+            module.to(dtype=torch.float32)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    publish_into(tmp, output_dir)
+
+
+class ValidationSet:
+    """Fixed inputs for validation grids: prompts, class labels or the first validation rows' inputs."""
+
+    def __init__(self, args, mode, columns, val_ds):
+        self.args, self.mode = args, mode
+        n = min(args.num_validation_images, len(val_ds))
+        rows = collate_examples([{**val_ds[i], "index": i} for i in range(n)])
+        self.references = rows["pixel_values"]
+        self.values = {}
+        if mode is not None:
+            rngs = [np.random.default_rng([args.seed, i]) for i in range(n)]
+            self.values = mode.training_inputs(rows, columns, rngs)
+        if args.conditioning == "text" and args.validation_prompts:
+            self.values = {"prompt": list(args.validation_prompts)}
+            self.references = None
+        if args.conditioning == "class" and args.validation_class_labels:
+            self.values = {"class_labels": torch.tensor(args.validation_class_labels)}
+            self.references = None
+        has_null = mode is not None and mode.kind == "context" and args.conditioning_dropout_prob > 0
+        self.guidance = args.validation_guidance_scale if has_null else 1.0
+        self.batch = n
+
+    def run(self, accelerator, pipe, output_dir: Path, step: int) -> Path:
+        from diffusers.utils import make_image_grid
+
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
+        kwargs = dict(self.values) if self.values else {"batch_size": self.batch}
+        with torch.no_grad():
+            images = pipe(**kwargs, num_inference_steps=self.args.validation_inference_steps,
+                          guidance_scale=self.guidance, generator=generator, output_type="pt").images
+        samples = tensor_to_pil(images * 2 - 1)
+        rows = [samples]
+        if self.references is not None:
+            rows.insert(0, tensor_to_pil(self.references))
+        grid = make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(samples))
+        folder = output_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"samples-{step:06d}.png"
+        grid.save(path)
+        captions = self.values.get("prompt")
+        if captions:
+            (folder / "prompts.txt").write_text("\n".join(captions) + "\n")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+
+def training_card_text(args, summary: dict) -> str:
+    return (
+        f"Trained with `ldm-diffusers` ({args.conditioning} conditioning) for {summary['steps']} steps, batch "
+        f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation, resolution {args.resolution}, "
+        f"learning rate {args.learning_rate}, {args.lr_scheduler} schedule, EMA {'on' if args.use_ema else 'off'}, "
+        f"condition dropout {args.conditioning_dropout_prob}, dataset {args.dataset_name or args.train_data_dir}."
+    )
+
+
+def main(argv=None, prog: str | None = None) -> dict:
+    return train(parse_args(argv, prog))
