@@ -13,6 +13,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; in-process training runs each need fresh ones."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def tiny_kl(f: int = 4, **kwargs):
     from ldm_diffusers import LDMAutoencoderKL
 

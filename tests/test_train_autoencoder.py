@@ -10,15 +10,7 @@ from ldm_diffusers import LDMAutoencoderKL, LDMVQModel, load_autoencoder
 from ldm_diffusers.training.autoencoder import _check_finite, main, parse_args
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_args(data_dir, out, *extra):

@@ -69,7 +69,12 @@ def load_image_splits(
     if train_data_dir:
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"--train_data_dir '{train_data_dir}' is not a folder.")
-        data = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+        if os.path.isfile(os.path.join(train_data_dir, "dataset_dict.json")):  # written by save_to_disk
+            from datasets import load_from_disk
+
+            data = load_from_disk(train_data_dir)
+        else:
+            data = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     elif dataset_name in (None, "emoji", "builtin:emoji"):
         from .emoji import load_emoji_dataset
 

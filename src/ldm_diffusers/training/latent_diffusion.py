@@ -404,8 +404,9 @@ def train(args: argparse.Namespace) -> dict:
     needed = mode.dataset_columns(columns) if mode is not None else {}
     missing = [c for c in needed if c not in train_ds.column_names]
     if missing:
+        flags = [f"--{field}" for field, value in vars(columns).items() if value in missing]
         raise SystemExit(f"--conditioning {args.conditioning} reads the column(s) {missing}, which the dataset lacks "
-                         f"(it has {train_ds.column_names}); name the right one with the matching --*_column flag.")
+                         f"(it has {train_ds.column_names}); point {' / '.join(flags)} at the right column.")
     if args.resolution % vae.downsampling_factor:
         raise SystemExit(f"--resolution {args.resolution} is not divisible by the autoencoder's f={vae.downsampling_factor}.")
     image_column = image_column_of(train_ds, args.image_column)
@@ -518,9 +519,10 @@ def train(args: argparse.Namespace) -> dict:
             validation.run(accelerator, build_pipeline(args, raw, vae, ema), output_dir, step)
 
     n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s.",
+    logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s, %d process%s (%s).",
                 args.conditioning, n_params / 1e6, len(train_rows), args.max_train_steps,
-                "cached" if args.cache_latents else "encoded each step")
+                "cached" if args.cache_latents else "encoded each step", accelerator.num_processes,
+                "es" if accelerator.num_processes > 1 else "", accelerator.distributed_type)
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc=f"train LDM ({args.conditioning})",
                     disable=not accelerator.is_local_main_process)
     epoch, done = first_epoch, global_step >= args.max_train_steps

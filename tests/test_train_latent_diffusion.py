@@ -1,0 +1,239 @@
+"""The stage-2 training script, run in-process on real data (emoji at 16x16, emoji scenes) with tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm_diffusers import LDMPipeline
+from ldm_diffusers.conditioning import ClassMode, LayoutMode, TextMode
+from ldm_diffusers.training.latent_diffusion import draw_noise, example_generators, main, parse_args
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    from conftest import tiny_kl
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("stage1") / "kl-f4"
+    tiny_kl(4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scenes16(tmp_path_factory):
+    from ldm_diffusers.data import build_scene_dataset
+
+    return build_scene_dataset(tmp_path_factory.mktemp("scenes") / "scenes16", resolution=16, num_train=16, num_validation=4)
+
+
+def tiny_args(stage1, data_dir, out, *extra):
+    return [
+        "--pretrained_vae_model_name_or_path", str(stage1), "--train_data_dir", str(data_dir), "--resolution", "16",
+        "--output_dir", str(out), "--unet_base_channels", "16", "--unet_channel_multipliers", "1", "2",
+        "--norm_num_groups", "8", "--attention_head_dim", "8", "--context_dim", "32", "--text_encoder_layers", "1",
+        "--text_encoder_heads", "2", "--max_prompt_length", "8", "--layout_encoder_layers", "1",
+        "--train_batch_size", "4", "--max_train_samples", "4", "--logging_steps", "1", "--seed", "3",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--validation_steps", "0",
+        "--checkpointing_steps", "100", "--report_to", "none", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        *extra,
+    ]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+MODE_ARGS = {
+    "text": [],
+    "class": ["--class_column", "group_id"],
+    "unconditional": [],
+    "super_resolution": [],
+    "inpainting": [],
+    "layout": ["--num_classes", "9"],
+    "segmentation": ["--num_segmentation_classes", "10"],
+}
+
+
+@pytest.mark.parametrize("conditioning", sorted(MODE_ARGS))
+def test_every_mode_trains_and_its_loss_falls_on_a_fixed_batch(stage1, emoji16, scenes16, tmp_path, conditioning):
+    data = scenes16 if conditioning in ("layout", "segmentation") else emoji16
+    out = tmp_path / conditioning
+    summary = main(tiny_args(stage1, data, out, "--conditioning", conditioning, "--max_train_steps", "30",
+                             "--learning_rate", "2e-3", *MODE_ARGS[conditioning]))
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first = np.mean([r["loss"] for r in log[:5]])
+    last = np.mean([r["loss"] for r in log[-5:]])
+    assert last < 0.8 * first, (first, last)
+    # the whole pipeline is saved and samples in the mode it was trained for
+    pipe = LDMPipeline.from_pretrained(out)
+    assert Path(summary["validation_grid"]).is_file()
+    unet = pipe.unet
+    expected_concat = {"super_resolution": 3, "inpainting": 4, "segmentation": 10}.get(conditioning, 0)
+    assert unet.config.in_channels - unet.config.out_channels == expected_concat
+    assert (unet.context_dim is not None) == (conditioning in ("text", "class", "layout"))
+    trained = load_file(out / "checkpoint-30" / "model.safetensors")
+    assert any(k.startswith("encoders.") for k in trained) == (conditioning in ("text", "class", "layout"))
+
+
+def test_dropout_rate_and_null_inputs():
+    gens = example_generators(0, 0, torch.arange(4000))
+    drop = draw_noise(gens, (3, 2, 2), 1000, 0.3)["drop"]
+    assert abs(drop.float().mean().item() - 0.3) < 0.03
+    again = draw_noise(example_generators(0, 0, torch.arange(4000)), (3, 2, 2), 1000, 0.3)
+    assert torch.equal(again["drop"], drop)  # the same (seed, epoch, index) gives the same draws
+    other_epoch = draw_noise(example_generators(0, 1, torch.arange(4000)), (3, 2, 2), 1000, 0.3)
+    assert not torch.equal(other_epoch["t"], again["t"])
+
+    mask = torch.tensor([True, False, True])
+    from types import SimpleNamespace
+
+    from ldm_diffusers import ClassEmbedder
+
+    pipe = SimpleNamespace(class_embedder=ClassEmbedder(num_classes=5, context_dim=4))
+    assert TextMode().drop(pipe, {"prompt": ["a", "b", "c"]}, mask)["prompt"] == ["", "b", ""]
+    labels = ClassMode().drop(pipe, {"class_labels": torch.tensor([1, 2, 3])}, mask)["class_labels"]
+    assert labels.tolist() == [5, 2, 5]
+    box = [(0, (0.1, 0.1, 0.5, 0.5))]
+    assert LayoutMode().drop(pipe, {"layout": [box, box, box]}, mask)["layout"] == [[], box, []]
+
+
+def test_caption_dropout_reaches_the_text_encoder(stage1, emoji16, tmp_path, monkeypatch):
+    from ldm_diffusers.conditioning import text
+
+    seen = []
+    original = text.encode_prompts
+    monkeypatch.setattr(text, "encode_prompts", lambda tok, enc, prompts: seen.extend(prompts) or original(tok, enc, prompts))
+    main(tiny_args(stage1, emoji16, tmp_path / "o", "--max_train_steps", "25", "--conditioning_dropout_prob", "0.5",
+                   "--max_train_samples", "8", "--validation_steps", "0"))
+    training = seen[: 25 * 4]
+    share = sum(p == "" for p in training) / len(training)
+    assert 0.3 < share < 0.7, share
+    assert all(p.startswith("an emoji of") for p in training if p)
+
+
+def test_ema_is_updated_once_per_optimizer_step_and_saved(stage1, emoji16, tmp_path):
+    out = tmp_path / "ema"
+    main(tiny_args(stage1, emoji16, out, "--max_train_steps", "3", "--use_ema", "--ema_decay", "0.5",
+                   "--gradient_accumulation_steps", "2", "--max_train_samples", "8", "--train_batch_size", "2",
+                   "--checkpointing_steps", "3"))
+    ema_state = torch.load(out / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ema_state["optimization_step"] == 3  # 6 micro-batches, 3 updates
+    pipe = LDMPipeline.from_pretrained(out)
+    saved = list(pipe.unet.parameters())
+    for shadow, param in zip(ema_state["shadow_params"], saved):
+        torch.testing.assert_close(param, shadow, rtol=0, atol=0)
+    raw = load_file(out / "checkpoint-3" / "model.safetensors")
+    live = raw["unet.conv_in.weight"]
+    assert not torch.equal(live, pipe.unet.conv_in.weight)  # EMA weights, not the live ones, were saved
+
+
+def test_resume_is_exact(stage1, emoji16, tmp_path):
+    extra = ["--max_train_samples", "8", "--train_batch_size", "2", "--checkpointing_steps", "2", "--use_ema",
+             "--conditioning_dropout_prob", "0.5"]
+    main(tiny_args(stage1, emoji16, tmp_path / "full", "--max_train_steps", "5", *extra))
+    main(tiny_args(stage1, emoji16, tmp_path / "cut", "--max_train_steps", "2", *extra))  # stops mid-epoch
+    main(tiny_args(stage1, emoji16, tmp_path / "cut", "--max_train_steps", "5", "--resume_from_checkpoint", "latest", *extra))
+    full, cut = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["loss"] for r in full] == [r["loss"] for r in cut]
+    a = load_file(tmp_path / "full" / "checkpoint-5" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoint-5" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("text_encoder", ["transformer", "frozen"])
+def test_latent_cache_trains_exactly_like_pixels(stage1, emoji16, tmp_path, text_encoder):
+    extra = ["--max_train_steps", "4", "--text_encoder", text_encoder, "--conditioning_dropout_prob", "0.5",
+             "--max_train_samples", "8"]
+    main(tiny_args(stage1, emoji16, tmp_path / "pixels", *extra))
+    main(tiny_args(stage1, emoji16, tmp_path / "cached", "--cache_latents", *extra))
+    caches = list((tmp_path / "cached" / "latent_cache").iterdir())
+    assert len(caches) == 1
+    from datasets import load_from_disk
+
+    cache = load_from_disk(str(caches[0]))
+    assert {"latent_mean", "latent_std", "index"} <= set(cache.column_names)
+    assert ("context" in cache.column_names) == (text_encoder == "frozen")
+    pixels, cached = read_log(tmp_path / "pixels"), read_log(tmp_path / "cached")
+    np.testing.assert_allclose([r["loss"] for r in pixels], [r["loss"] for r in cached], rtol=1e-4)
+
+
+def test_v_prediction_snr_gamma_noise_offset_and_accumulation_run(stage1, emoji16, tmp_path):
+    out = tmp_path / "v"
+    main(tiny_args(stage1, emoji16, out, "--max_train_steps", "2", "--prediction_type", "v_prediction",
+                   "--snr_gamma", "5", "--noise_offset", "0.1", "--input_perturbation", "0.1",
+                   "--gradient_accumulation_steps", "2", "--gradient_checkpointing", "--report_to", "tensorboard"))
+    assert all(np.isfinite(r["loss"]) for r in read_log(out))
+    assert LDMPipeline.from_pretrained(out).scheduler.config.prediction_type == "v_prediction"
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_bad_input_gets_clear_errors(stage1, emoji16, tmp_path, capsys):
+    def parser_error(argv):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        return capsys.readouterr().err
+
+    assert "train-autoencoder" in parser_error(["--output_dir", str(tmp_path)])  # no stage-1 model
+    vae = ["--pretrained_vae_model_name_or_path", str(stage1)]
+    assert "random masks" in parser_error([*vae, "--conditioning", "inpainting", "--cache_latents"])
+    assert "no null input" in parser_error([*vae, "--conditioning", "super_resolution", "--conditioning_dropout_prob", "0.1"])
+    with pytest.raises(SystemExit, match="--caption_column"):
+        main(tiny_args(stage1, emoji16, tmp_path / "o", "--caption_column", "nope", "--max_train_steps", "1"))
+    with pytest.raises(SystemExit, match="divisible"):
+        main(tiny_args(stage1, emoji16, tmp_path / "o2", "--resolution", "18", "--max_train_steps", "1"))
+
+
+def test_push_to_hub_uploads_the_pipeline_with_a_card(stage1, emoji16, tmp_path, monkeypatch):
+    pushed = {}
+
+    def fake_push(self, repo_id, **kwargs):
+        pushed.update(repo_id=repo_id, unet=self.unet, **kwargs)
+
+    monkeypatch.setattr(LDMPipeline, "push_to_hub", fake_push)
+    main(tiny_args(stage1, emoji16, tmp_path / "o", "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/ldm"))
+    assert pushed["repo_id"] == "me/ldm"
+    assert "text conditioning" in pushed["model_card_text"] and "1 steps" in pushed["model_card_text"]
+
+
+def _launch(args, processes):
+    """``accelerate launch`` on CPU. Several CPU processes need torchrun's launcher (``--multi_gpu``) with
+    ``ACCELERATE_USE_CPU=1``, which makes accelerate use the gloo backend; ``--cpu`` alone starts one process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "examples" / "train_text_to_image.py"), *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_process_cpu_run_matches_one_process(stage1, emoji16, tmp_path):
+    """accelerate launch --num_processes 2 (gloo on CPU) with batch 2 per process = 1 process with batch 4."""
+    common = ["--max_train_steps", "3", "--max_train_samples", "8", "--checkpointing_steps", "3",
+              "--conditioning_dropout_prob", "0.2"]
+    one = tiny_args(stage1, emoji16, tmp_path / "one", *common, "--train_batch_size", "4")
+    two = tiny_args(stage1, emoji16, tmp_path / "two", *common, "--train_batch_size", "2")
+    _launch(one, 1)
+    launched = _launch(two, 2)
+    assert "2 processes" in launched.stderr + launched.stdout
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
+    wa = load_file(tmp_path / "one" / "checkpoint-3" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "checkpoint-3" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
