@@ -81,3 +81,66 @@ def test_pil_tensor_round_trip():
     torch.testing.assert_close(x[:, 8, 8], torch.tensor([1.0, -1.0, 128 / 127.5 - 1]))
     back = tensor_to_pil(x[None])[0]
     assert back.getpixel((3, 3)) == (255, 0, 128)
+
+
+def test_random_inpainting_masks_are_binary_partial_and_seeded():
+    import numpy as np
+
+    from ldm_diffusers.data import random_inpainting_mask
+
+    masks = [random_inpainting_mask(32, 48, np.random.default_rng(i)) for i in range(200)]
+    for m in masks:
+        assert m.shape == (32, 48) and m.dtype == np.float32
+        assert set(np.unique(m)) <= {0.0, 1.0} and 0 < m.mean() < 1
+    coverage = np.array([m.mean() for m in masks])
+    assert 0.05 < coverage.mean() < 0.6, coverage.mean()
+    assert np.array_equal(random_inpainting_mask(32, 48, np.random.default_rng(7)), masks[7])
+    assert len({m.tobytes() for m in masks}) > 190  # varied
+
+
+def test_scene_layout_boxes_match_the_semantic_map():
+    import numpy as np
+
+    from ldm_diffusers.data import compose_scene
+    from ldm_diffusers.data.emoji import parse_emoji_test, render_emoji_rgba
+
+    entries = [e for e in parse_emoji_test() if e.name in ("red apple", "dog face", "rocket")]
+    glyphs = [(render_emoji_rgba(e.char, 32), k, e.name) for k, e in enumerate(entries)]
+    image, layout, seg, names = compose_scene(glyphs, 32, np.random.default_rng(0), objects=(1, 1))
+    assert image.size == (32, 32) and len(layout) == 1 and names[0] in ("red apple", "dog face", "rocket")
+    c, x0, y0, x1, y1 = layout[0]
+    ys, xs = np.nonzero(seg)
+    assert set(np.unique(seg[seg > 0])) == {c + 1}
+    assert (xs.min() / 32, ys.min() / 32, (xs.max() + 1) / 32, (ys.max() + 1) / 32) == pytest.approx((x0, y0, x1, y1), abs=1e-3)
+
+
+def test_example_transform_crops_and_flips_maps_and_boxes_with_the_image():
+    import numpy as np
+    from PIL import Image
+
+    from ldm_diffusers.data import collate_examples, example_transform
+
+    # a 40x20 image whose right half is one class; the box covers that half
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, 20:] = 255
+    seg = np.zeros((20, 40), np.uint8)
+    seg[:, 20:] = 3
+    batch = {"image": [Image.fromarray(pixels)], "seg": [Image.fromarray(seg)], "boxes": [[[2, 0.5, 0.0, 1.0, 1.0]]],
+             "label": [5]}
+    columns = {"seg": "segmentation_map", "boxes": "layout", "label": "class_labels"}
+    out = example_transform("image", 10, center_crop=True, columns=columns)(batch)
+    # resize to 20x10, centre crop x in [5, 15): the class covers the crop's right half
+    assert out["segmentation_map"][0][:, 5:].eq(3).all() and out["segmentation_map"][0][:, :5].eq(0).all()
+    assert out["layout"][0] == [[2, 0.5, 0.0, 1.0, 1.0]]
+    assert (out["pixel_values"][0][:, :, 6:] > 0.9).all() and (out["pixel_values"][0][:, :, :4] < -0.9).all()
+    import random
+
+    random.seed(0)
+    flipped = example_transform("image", 10, center_crop=True, random_flip=True, columns=columns)
+    outs = [flipped(batch) for _ in range(20)]
+    for o in outs:  # the map, the box and the pixels always flip together
+        right = o["segmentation_map"][0][:, 5:].eq(3).all().item()
+        assert right == (o["layout"][0][0][1] == 0.5) == (o["pixel_values"][0][0, 0, 9] > 0.9).item()
+    assert {o["layout"][0][0][1] for o in outs} == {0.0, 0.5}
+    collated = collate_examples([{k: v[0] for k, v in out.items()}] * 2)
+    assert collated["class_labels"].dtype == torch.long and collated["segmentation_map"].shape == (2, 10, 10)
