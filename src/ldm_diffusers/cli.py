@@ -3,6 +3,7 @@
     ldm-diffusers build-emoji --resolution 64
     ldm-diffusers train-autoencoder --regularization kl -f 4 --output_dir outputs/kl-f4
     ldm-diffusers evaluate-autoencoder outputs/kl-f4
+    ldm-diffusers generate "an emoji of red apple" --model outputs/ldm --out apple.png
     ldm-diffusers train --pretrained_vae_model_name_or_path outputs/kl-f4 --conditioning text --output_dir outputs/ldm
 """
 
@@ -31,6 +32,54 @@ def _train_autoencoder(argv):
     from .training.autoencoder import main
 
     main(argv, prog="ldm-diffusers train-autoencoder")
+
+
+def _generate(argv):
+    import torch
+
+    from .pipelines import LDMPipeline
+    from .schedulers import SAMPLERS, switch_sampler
+
+    p = argparse.ArgumentParser(
+        prog="ldm-diffusers generate",
+        description="Sample images from a trained LDMPipeline (local folder or Hub id) and save them as one grid.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("prompt", nargs="*", help="Prompt(s) for a text-to-image model.")
+    p.add_argument("--model", required=True, help="LDMPipeline folder or Hub id.")
+    p.add_argument("--out", default="samples.png", help="Output PNG (a grid when several images).")
+    p.add_argument("--class_labels", type=int, nargs="+", default=None, help="For class-conditional models.")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--batch", type=int, default=1, help="Images per prompt (or unconditional images).")
+    p.add_argument("--steps", type=int, default=50, help="Sampler steps.")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance (1 = off).")
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None, help="Default: the model's own.")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    pipe = LDMPipeline.from_pretrained(a.model).to(a.device)
+    if a.scheduler:
+        pipe.scheduler = switch_sampler(pipe.scheduler, a.scheduler)
+    inputs = {}
+    if a.prompt:
+        inputs = {"prompt": a.prompt, "negative_prompt": None if a.negative_prompt is None else [a.negative_prompt] * len(a.prompt)}
+    elif a.class_labels is not None:
+        inputs = {"class_labels": a.class_labels}
+    guidance = a.guidance_scale if inputs else 1.0
+    images = pipe(**inputs, num_images_per_prompt=a.batch if inputs else 1, batch_size=a.batch, num_inference_steps=a.steps,
+                  guidance_scale=guidance, eta=a.eta, height=a.height, width=a.width,
+                  generator=torch.Generator("cpu").manual_seed(a.seed)).images
+    if len(images) == 1:
+        images[0].save(a.out)
+    else:
+        from diffusers.utils import make_image_grid
+
+        rows = max(1, len(a.prompt) if a.prompt else 1)
+        make_image_grid(images, rows=rows, cols=len(images) // rows).save(a.out)
+    print(f"{len(images)} image(s) -> {a.out}")
 
 
 def _train(argv):
@@ -68,6 +117,7 @@ def _evaluate_autoencoder(argv):
 COMMANDS = {
     "build-emoji": (_build_emoji, "render the built-in emoji dataset"),
     "train-autoencoder": (_train_autoencoder, "train a KL/VQ stage-1 autoencoder"),
+    "generate": (_generate, "sample images from a trained LDMPipeline"),
     "train": (_train, "train a latent diffusion model (any conditioning mode)"),
     "evaluate-autoencoder": (_evaluate_autoencoder, "PSNR / SSIM / rFID of a saved autoencoder"),
 }
