@@ -237,3 +237,22 @@ def test_two_process_cpu_run_matches_one_process(stage1, emoji16, tmp_path):
     wb = load_file(tmp_path / "two" / "checkpoint-3" / "model.safetensors")
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_vq_stage1_latents_train_from_pixels_and_cache(emoji16, tmp_path):
+    """VQ models: the diffusion model lives on pre-quantisation latents (CompVis), scale 1.0 unless stored."""
+    from conftest import tiny_vq
+
+    torch.manual_seed(0)
+    tiny_vq(4, latent_channels=3, vq_embed_dim=3).save_pretrained(tmp_path / "vq")
+    extra = ["--max_train_steps", "3", "--max_train_samples", "8", "--conditioning", "class", "--class_column", "group_id"]
+    main(tiny_args(tmp_path / "vq", emoji16, tmp_path / "pixels", *extra))
+    main(tiny_args(tmp_path / "vq", emoji16, tmp_path / "cached", "--cache_latents", *extra))
+    from datasets import load_from_disk
+
+    cache = load_from_disk(str(next((tmp_path / "cached" / "latent_cache").iterdir())))
+    assert "latents" in cache.column_names and "latent_mean" not in cache.column_names
+    np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "pixels")],
+                               [r["loss"] for r in read_log(tmp_path / "cached")], rtol=1e-4)
+    pipe = LDMPipeline.from_pretrained(tmp_path / "cached")
+    assert pipe.unet.config.out_channels == 3 and type(pipe.vae).__name__ == "LDMVQModel"
