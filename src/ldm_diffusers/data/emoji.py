@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +105,22 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def already_built(output_dir: Path, info_name: str, settings: dict, overwrite: bool = False) -> bool:
+    """Whether ``output_dir`` holds a build with these ``settings`` (recorded in its ``info_name`` JSON).
+    Raises if the folder holds something else and ``overwrite`` is off."""
+    if not output_dir.exists() or overwrite:
+        return False
+    info_file = output_dir / info_name
+    if info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings:
+        return True
+    if any(output_dir.iterdir()):
+        raise FileExistsError(
+            f"'{output_dir}' exists but was built with other settings or by something else; "
+            "pass overwrite=True (--overwrite) or choose another folder."
+        )
+    return False
+
+
 def build_emoji_dataset(
     output_dir: str | os.PathLike | None = None,
     resolution: int = 64,
@@ -127,15 +142,8 @@ def build_emoji_dataset(
         "include_skin_tones": include_skin_tones,
     }
     output_dir = Path(output_dir) if output_dir else default_cache_dir() / f"emoji-{resolution}"
-    info_file = output_dir / "dataset_info_ldm.json"
-    if output_dir.exists() and not overwrite:
-        if info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings:
-            return output_dir
-        if any(output_dir.iterdir()):
-            raise FileExistsError(
-                f"'{output_dir}' exists but was built with other settings or by something else; "
-                "pass overwrite=True (--overwrite) or choose another folder."
-            )
+    if already_built(output_dir, "dataset_info_ldm.json", settings, overwrite):
+        return output_dir
 
     entries = parse_emoji_test(emoji_test_path)
     if not include_skin_tones:
@@ -175,10 +183,8 @@ def build_emoji_dataset(
     (tmp / "dataset_info_ldm.json").write_text(
         json.dumps({"settings": settings, "counts": counts, "groups": groups, "subgroups": subgroups}, indent=2)
     )
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    publish_directory(tmp, output_dir)
+    publish_directory(tmp, output_dir)  # replaces an older build whole
     return output_dir
 
 

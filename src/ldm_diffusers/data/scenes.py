@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from .emoji import (
     FONT_PATH,
     INSTALL_HINT,
     _in_validation,
+    already_built,
     default_cache_dir,
     parse_emoji_test,
     render_emoji_rgba,
@@ -85,12 +85,8 @@ def build_scene_dataset(
     settings = {"version": SCENES_VERSION, "resolution": resolution, "num_train": num_train,
                 "num_validation": num_validation, "seed": seed, "validation_fraction": validation_fraction}
     output_dir = Path(output_dir) if output_dir else default_cache_dir() / f"emoji-scenes-{resolution}"
-    info_file = output_dir / "scenes_info_ldm.json"
-    if output_dir.exists() and not overwrite:
-        if info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings:
-            return output_dir
-        if any(output_dir.iterdir()):
-            raise FileExistsError(f"'{output_dir}' exists but was built with other settings; pass overwrite=True.")
+    if already_built(output_dir, "scenes_info_ldm.json", settings, overwrite):
+        return output_dir
 
     entries = [e for e in parse_emoji_test(EMOJI_TEST_PATH) if "skin tone" not in e.name]
     groups = sorted({e.group for e in entries})
@@ -118,10 +114,8 @@ def build_scene_dataset(
     tmp = atomic_directory(output_dir)
     DatasetDict(splits).save_to_disk(str(tmp))
     (tmp / "scenes_info_ldm.json").write_text(json.dumps({"settings": settings, "classes": groups}, indent=2))
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    publish_directory(tmp, output_dir)
+    publish_directory(tmp, output_dir)  # replaces an older build whole
     return output_dir
 
 

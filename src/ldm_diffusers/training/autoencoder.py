@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
 from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
 from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
-from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import append_log, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -288,19 +288,7 @@ def train(args: argparse.Namespace) -> dict:
             accelerator.init_trackers("train_autoencoder", config=config)
 
     # Resume -----------------------------------------------------------------------------------
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        global_step, first_epoch, resume_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
-        log_file = output_dir / "train_log.jsonl"
-        if accelerator.is_main_process and log_file.is_file():
-            # Drop lines that an interrupted run wrote after this checkpoint.
-            kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
-            log_file.write_text("".join(line + "\n" for line in kept))
-    elif args.resume_from_checkpoint:
-        accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+    global_step, first_epoch, resume_batches = resume(accelerator, output_dir, args.resume_from_checkpoint)
 
     val_images = torch.stack([val_ds[i]["pixel_values"] for i in range(min(args.num_validation_images, len(val_ds)))])
     val_images = val_images.to(accelerator.device)
@@ -386,8 +374,7 @@ def train(args: argparse.Namespace) -> dict:
                 scalars["lr"] = lr_sched.get_last_lr()[0]
                 accelerator.log(scalars, step=global_step)
                 if accelerator.is_main_process:
-                    with open(output_dir / "train_log.jsonl", "a") as handle:
-                        handle.write(json.dumps({"step": global_step, **scalars}) + "\n")
+                    append_log(output_dir, global_step, scalars)
                 progress.set_postfix(rec=f"{scalars['rec_loss']:.4f}", loss=f"{scalars['loss']:.4g}")
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 save_checkpoint(

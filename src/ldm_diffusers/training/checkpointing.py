@@ -81,3 +81,31 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict:
     """Restore accelerate's state from ``checkpoint`` and return its training_state.json."""
     accelerator.load_state(str(checkpoint))
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+LOG_FILE = "train_log.jsonl"
+
+
+def resume(accelerator, output_dir: str | Path, resume_from_checkpoint: str | None) -> tuple[int, int, int]:
+    """Restore the checkpoint that ``resume_from_checkpoint`` names (``"latest"``, a name or a path), drop
+    the lines of ``train_log.jsonl`` that an interrupted run wrote after it, and return
+    (global_step, epoch, batches_in_epoch); (0, 0, 0) when there is nothing to resume."""
+    output_dir = Path(output_dir)
+    checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint)
+    if checkpoint is None:
+        if resume_from_checkpoint:
+            accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+        return 0, 0, 0
+    state = load_checkpoint(accelerator, checkpoint)
+    accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
+    log_file = output_dir / LOG_FILE
+    if accelerator.is_main_process and log_file.is_file():
+        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= state["global_step"]]
+        log_file.write_text("".join(line + "\n" for line in kept))
+    return state["global_step"], state["epoch"], state["batches_in_epoch"]
+
+
+def append_log(output_dir: str | Path, step: int, scalars: dict) -> None:
+    """One line ``{"step": step, **scalars}`` of ``train_log.jsonl`` (call on the main process)."""
+    with open(Path(output_dir) / LOG_FILE, "a") as handle:
+        handle.write(json.dumps({"step": step, **scalars}) + "\n")

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..conditioning import MODES, Conditioning, TrainingColumns
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
-from .checkpointing import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpointing import append_log, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -499,18 +499,7 @@ def train(args: argparse.Namespace) -> dict:
             accelerator.init_trackers(args.tracker_project_name, config=config)
 
     # Resume ---------------------------------------------------------------------------------------
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        global_step, first_epoch, resume_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
-        accelerator.print(f"Resumed from {checkpoint} at step {global_step}.")
-        log_file = output_dir / "train_log.jsonl"
-        if accelerator.is_main_process and log_file.is_file():
-            kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= global_step]
-            log_file.write_text("".join(line + "\n" for line in kept))
-    elif args.resume_from_checkpoint:
-        accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+    global_step, first_epoch, resume_batches = resume(accelerator, output_dir, args.resume_from_checkpoint)
 
     validation = ValidationSet(args, mode, columns, val_ds)
 
@@ -563,8 +552,7 @@ def train(args: argparse.Namespace) -> dict:
                 window_start, window_images = now, 0
                 accelerator.log(scalars, step=global_step)
                 if accelerator.is_main_process:
-                    with open(output_dir / "train_log.jsonl", "a") as handle:
-                        handle.write(json.dumps({"step": global_step, **scalars}) + "\n")
+                    append_log(output_dir, global_step, scalars)
                 progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 save_checkpoint(accelerator, output_dir,
