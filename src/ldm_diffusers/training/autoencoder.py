@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
 from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
 from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
-from .checkpointing import append_log, resume, save_checkpoint
+from .checkpointing import StopRequest, append_log, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +318,7 @@ def train(args: argparse.Namespace) -> dict:
     epoch = first_epoch
     batches_in_epoch = 0
     done = global_step >= args.max_train_steps
+    stop = StopRequest()
     while not done:
         train_dl.set_epoch(epoch)
         loader = train_dl
@@ -376,7 +377,10 @@ def train(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process:
                     append_log(output_dir, global_step, scalars)
                 progress.set_postfix(rec=f"{scalars['rec_loss']:.4f}", loss=f"{scalars['loss']:.4g}")
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            stopping = stop.should_stop(accelerator)
+            if stopping:
+                logger.warning("Stop signal received: saving a checkpoint at step %d and finishing.", global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps or stopping:
                 save_checkpoint(
                     accelerator, output_dir,
                     {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
@@ -384,12 +388,13 @@ def train(args: argparse.Namespace) -> dict:
                 )
             if args.validation_steps and global_step % args.validation_steps == 0:
                 validate(global_step)
-            if global_step >= args.max_train_steps:
+            if global_step >= args.max_train_steps or stopping:
                 done = True
                 break
         else:
             epoch += 1
     progress.close()
+    stop.close()
 
     # Final model: EMA weights if kept, scaling factor from data, metrics on the held-out split ---
     accelerator.wait_for_everyone()
@@ -403,7 +408,7 @@ def train(args: argparse.Namespace) -> dict:
             max_images=args.scaling_factor_samples,
         )
         results = evaluate_and_save(raw_model, val_dl, output_dir, args)
-        results.update(scaling_factor=factor, steps=global_step)
+        results.update(scaling_factor=factor, steps=global_step, stopped_by_signal=stop.requested)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=global_step)
         logger.info("Final metrics: %s", results)

@@ -109,3 +109,45 @@ def append_log(output_dir: str | Path, step: int, scalars: dict) -> None:
     """One line ``{"step": step, **scalars}`` of ``train_log.jsonl`` (call on the main process)."""
     with open(Path(output_dir) / LOG_FILE, "a") as handle:
         handle.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGUSR1 (a scheduler's pre-emption notice, ``timeout``) into a clean stop.
+
+    The loops ask :meth:`should_stop` after each optimiser step; once a signal arrived (on any process) they
+    save a checkpoint and finish as if ``--max_train_steps`` had been reached, so the model, its metrics and
+    ``--resume_from_checkpoint latest`` all work. Signal handlers can only be set from the main thread;
+    elsewhere this never fires.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+    def close(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..conditioning import MODES, Conditioning, TrainingColumns
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
-from .checkpointing import append_log, resume, save_checkpoint
+from .checkpointing import StopRequest, append_log, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=int, default=8)
     g.add_argument("--validation_inference_steps", type=int, default=50)
     g.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Used where the mode has a null input.")
+    g.add_argument("--evaluation_steps", type=int, default=0,
+                   help="Every N steps (and at the end) sample one image per validation row with the EMA weights, save them "
+                        "to eval_samples/step-N.npz and, if the FID network is installed, log FID / precision / recall.")
+    g.add_argument("--evaluation_num_images", type=int, default=None, help="Default: the whole validation split.")
+    g.add_argument("--evaluation_batch_size", type=int, default=64)
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
@@ -507,6 +512,20 @@ def train(args: argparse.Namespace) -> dict:
         if accelerator.is_main_process:
             validation.run(accelerator, build_pipeline(args, raw, vae, ema), output_dir, step)
 
+    evaluation = None
+    if args.evaluation_steps and accelerator.is_main_process:
+        from .sample_evaluation import SampleEvaluation
+
+        evaluation = SampleEvaluation(args, mode, columns, val_ds)
+
+    def evaluate(step: int):
+        if evaluation is not None:
+            scores = evaluation.run(accelerator, build_pipeline(args, raw, vae, ema), output_dir, step)
+            if scores:
+                accelerator.log(scores, step=step)
+                append_log(output_dir, step, scores)
+                logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
     n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s, %d process%s (%s).",
                 args.conditioning, n_params / 1e6, len(train_rows), args.max_train_steps,
@@ -517,6 +536,7 @@ def train(args: argparse.Namespace) -> dict:
     epoch, done = first_epoch, global_step >= args.max_train_steps
     window_start, window_images = time.perf_counter(), 0
     train_start, train_images, losses = time.perf_counter(), 0, []
+    stop = StopRequest()
     while not done:
         train_dl.set_epoch(epoch)
         loader, batches_in_epoch = train_dl, 0
@@ -554,13 +574,19 @@ def train(args: argparse.Namespace) -> dict:
                 if accelerator.is_main_process:
                     append_log(output_dir, global_step, scalars)
                 progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            stopping = stop.should_stop(accelerator)
+            if stopping:
+                logger.warning("Stop signal received: saving a checkpoint at step %d and finishing.", global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps or stopping:
                 save_checkpoint(accelerator, output_dir,
                                 {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
                                 args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0:
                 validate(global_step)
-            if global_step >= args.max_train_steps:
+            if args.evaluation_steps and (global_step % args.evaluation_steps == 0 or global_step >= args.max_train_steps
+                                          or stopping):
+                evaluate(global_step)
+            if global_step >= args.max_train_steps or stopping:
                 done = True
                 break
         else:
@@ -568,12 +594,14 @@ def train(args: argparse.Namespace) -> dict:
             if args.validation_epochs and epoch % args.validation_epochs == 0:
                 validate(global_step)
     progress.close()
+    stop.close()
     elapsed = time.perf_counter() - train_start
 
     # The whole pipeline, EMA weights in the UNet ----------------------------------------------------
     accelerator.wait_for_everyone()
     summary = {"steps": global_step, "seconds": elapsed, "images_per_s": train_images / max(elapsed, 1e-9),
-               "cache_latents": args.cache_latents, "conditioning": args.conditioning}
+               "cache_latents": args.cache_latents, "conditioning": args.conditioning,
+               "stopped_by_signal": stop.requested}
     if accelerator.is_main_process:
         pipe = build_pipeline(args, raw, vae, ema, final=True)
         save_pipeline(pipe, output_dir)
