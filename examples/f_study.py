@@ -194,11 +194,19 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def last_step(folder: Path) -> int | None:
+    """The last optimiser step a training run logged (train_log.jsonl)."""
+    log = folder / "train_log.jsonl"
+    if not log.exists():
+        return None
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])["step"] if lines else None
+
+
 def report(a) -> dict:
-    import numpy as np
     import torch
 
-    from ldm_diffusers.evaluation import extract_features, fid_from_features
+    from ldm_diffusers.evaluation import extract_features, fid_from_features, psnr, ssim
     from ldm_diffusers.training.sample_evaluation import load_samples, score_saved_samples
 
     work = Path(a.work_dir)
@@ -213,21 +221,24 @@ def report(a) -> dict:
         rec_path = folder / "val_reconstructions.npz"
         if not rec_path.exists():
             continue
-        metrics = _read_json(folder / "eval_results.json")
         config = _read_json(folder / "config.json")
         f = int(folder.name.split("-f")[1])
         c = config.get("latent_channels", LATENT_CHANNELS.get(f))
-        rfid = fid_from_features(real_features, extract_features(load_samples(rec_path), desc=f"rFID {folder.name}"))
+        rec = load_samples(rec_path)
+        # PSNR / SSIM from the saved 8-bit reconstructions, so every row is measured the same way.
+        target, fake = real.float() / 255, rec.float() / 255
+        rfid = fid_from_features(real_features, extract_features(rec, desc=f"rFID {folder.name}"))
         stage1.append({"model": folder.name, "f": f, "c": c, "latent": f"{real.shape[-1] // f}x{real.shape[-1] // f}x{c}",
-                       "compression": round(3 * f * f / c, 1), "steps": metrics.get("steps"), "psnr": metrics.get("psnr"),
-                       "ssim": metrics.get("ssim"), "rfid": rfid})
+                       "compression": round(3 * f * f / c, 1),
+                       "steps": _read_json(folder / "eval_results.json").get("steps") or last_step(folder),
+                       "psnr": float(psnr(fake, target).mean()), "ssim": float(ssim(fake, target).mean()), "rfid": rfid})
 
     stage2 = []
     for folder in sorted((work / "stage2").glob("ldm-f*"), key=lambda p: int(p.name.split("-f")[1])):
         scores = score_saved_samples(folder / "eval_samples", real, real_features)
         summary = _read_json(folder / "train_summary.json")
         stage2.append({"model": folder.name, "f": int(folder.name.split("-f")[1]), "curve": scores,
-                       "steps": summary.get("steps"), "seconds": summary.get("seconds"),
+                       "steps": summary.get("steps", last_step(folder)), "seconds": summary.get("seconds"),
                        "images_per_s": summary.get("images_per_s"), "stopped_by_signal": summary.get("stopped_by_signal")})
 
     results = {"study": study, "stage1": stage1, "stage2": stage2, "num_validation_images": len(real),
@@ -250,16 +261,19 @@ def markdown_tables(results: dict) -> str:
     for r in results["stage1"]:
         lines.append(f"| {r['model']} | {r['f']} | {r['latent']} | {r['compression']} | {r['steps']} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.3f} | {r['rfid']:.1f} |")
-    steps = sorted({s for r in results["stage2"] for s in r["curve"]})
-    lines += ["", "## Stage 2: FID against training step (text-to-image LDM-f)", "",
-              "| model | " + " | ".join(f"step {s}" for s in steps) + " | final precision | final recall | images/s |",
-              "|---|" + "---|" * (len(steps) + 3)]
+    lines += ["", "## Stage 2: text-to-image LDM-f, FID at each evaluation (step: FID)", "",
+              "| model | FID by step | final step | final FID | precision | recall | train images/s |",
+              "|---|---|---|---|---|---|---|"]
     for r in results["stage2"]:
-        cells = [f"{r['curve'][s]['fid']:.1f}" if s in r["curve"] else "-" for s in steps]
-        last = r["curve"][max(r["curve"])] if r["curve"] else {}
+        curve = {int(k): v for k, v in r["curve"].items()}
+        if not curve:
+            lines.append(f"| {r['model']} | (no samples) | {r.get('steps')} | - | - | - | - |")
+            continue
+        last = curve[max(curve)]
         ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "-"
-        lines.append(f"| {r['model']} | " + " | ".join(cells) +
-                     f" | {last.get('precision', float('nan')):.3f} | {last.get('recall', float('nan')):.3f} | {ips} |")
+        by_step = ", ".join(f"{s}: {curve[s]['fid']:.1f}" for s in sorted(curve))
+        lines.append(f"| {r['model']} | {by_step} | {max(curve)} | {last['fid']:.1f} | {last['precision']:.3f} | "
+                     f"{last['recall']:.3f} | {ips} |")
     return "\n".join(lines) + "\n"
 
 

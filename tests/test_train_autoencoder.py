@@ -127,3 +127,14 @@ def test_perceptual_weight_default_depends_on_the_backbone():
     assert parse_args([]).perceptual_weight == 0.05
     assert parse_args(["--perceptual_loss", "lpips"]).perceptual_weight == 1.0
     assert parse_args(["--perceptual_weight", "0.3"]).perceptual_weight == 0.3
+
+
+@pytest.mark.parametrize("regularization", ["kl", "vq"])
+def test_mixed_precision_training_runs(emoji16, tmp_path, regularization):
+    # bf16 autocast also exists on CPU; it once broke VQ (accelerate rebuilds nested output dataclasses
+    # from dicts when it converts outputs back to float32).
+    results = main(tiny_args(emoji16, tmp_path / regularization, "--regularization", regularization, "-f", "2",
+                             "--mixed_precision", "bf16", "--max_train_steps", "3", "--disc_start", "1",
+                             "--skip_rfid", "--num_vq_embeddings", "16", "--validation_steps", "0"))
+    assert results["steps"] == 3 and results["psnr"] > 0
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in read_log(tmp_path / regularization)])))

@@ -256,3 +256,44 @@ def test_vq_stage1_latents_train_from_pixels_and_cache(emoji16, tmp_path):
                                [r["loss"] for r in read_log(tmp_path / "cached")], rtol=1e-4)
     pipe = LDMPipeline.from_pretrained(tmp_path / "cached")
     assert pipe.unet.config.out_channels == 3 and type(pipe.vae).__name__ == "LDMVQModel"
+
+
+def test_evaluation_steps_save_samples_and_log_fid(stage1, emoji16, tmp_path):
+    from ldm_diffusers.training.sample_evaluation import load_samples
+
+    out = tmp_path / "eval"
+    main(tiny_args(stage1, emoji16, out, "--max_train_steps", "3", "--evaluation_steps", "2",
+                   "--evaluation_num_images", "4", "--evaluation_batch_size", "3"))
+    saved = sorted(p.name for p in (out / "eval_samples").glob("*.npz"))
+    assert saved == ["step-000002.npz", "step-000003.npz"]  # every 2 steps and at the end
+    images = load_samples(out / "eval_samples" / "step-000003.npz")
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    fids = [row["eval/fid"] for row in logged if "eval/fid" in row]
+    assert len(fids) == 2 and all(np.isfinite(fids)) and all(f > 0 for f in fids)
+    assert all(0 <= row["eval/precision"] <= 1 for row in logged if "eval/precision" in row)
+
+
+def test_stop_signal_saves_a_checkpoint_and_the_pipeline(stage1, emoji16, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from ldm_diffusers.training.checkpointing import StopRequest
+
+    calls = []
+
+    def signal_at_step_two(self, accelerator):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag instead of killing pytest
+        return self.requested
+
+    monkeypatch.setattr(StopRequest, "should_stop", signal_at_step_two)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "stopped"
+    summary = main(tiny_args(stage1, emoji16, out, "--max_train_steps", "50"))
+    assert summary["steps"] == 2 and summary["stopped_by_signal"]
+    assert (out / "checkpoint-2").is_dir() and (out / "model_index.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is handed back
+    resumed = main(tiny_args(stage1, emoji16, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert resumed["steps"] == 3 and not resumed["stopped_by_signal"]

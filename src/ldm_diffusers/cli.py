@@ -3,6 +3,7 @@
     ldm-diffusers build-emoji --resolution 64
     ldm-diffusers train-autoencoder --regularization kl -f 4 --output_dir outputs/kl-f4
     ldm-diffusers evaluate-autoencoder outputs/kl-f4
+    ldm-diffusers generate "an emoji of a red apple" --out apple.png          # the built-in emoji model
     ldm-diffusers generate "an emoji of red apple" --model outputs/ldm --out apple.png
     ldm-diffusers train --pretrained_vae_model_name_or_path outputs/kl-f4 --conditioning text --output_dir outputs/ldm
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 
 def _build_emoji(argv):
@@ -46,7 +48,9 @@ def _generate(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("prompt", nargs="*", help="Prompt(s) for a text-to-image model.")
-    p.add_argument("--model", required=True, help="LDMPipeline folder or Hub id.")
+    p.add_argument("--model", default="builtin:emoji-text-to-image",
+                   help="LDMPipeline folder, Hub id, or a built-in model (the emoji text-to-image LDM that ships "
+                        "with the package).")
     p.add_argument("--out", default="samples.png", help="Output PNG (a grid when several images).")
     p.add_argument("--class_labels", type=int, nargs="+", default=None, help="For class-conditional models.")
     p.add_argument("--negative_prompt", default=None)
@@ -69,6 +73,7 @@ def _generate(argv):
     elif a.class_labels is not None:
         inputs = {"class_labels": a.class_labels}
     guidance = a.guidance_scale if inputs else 1.0
+    start = time.perf_counter()
     images = pipe(**inputs, num_images_per_prompt=a.batch if inputs else 1, batch_size=a.batch, num_inference_steps=a.steps,
                   guidance_scale=guidance, eta=a.eta, height=a.height, width=a.width,
                   generator=torch.Generator("cpu").manual_seed(a.seed)).images
@@ -79,7 +84,7 @@ def _generate(argv):
 
         rows = max(1, len(a.prompt) if a.prompt else 1)
         make_image_grid(images, rows=rows, cols=len(images) // rows).save(a.out)
-    print(f"{len(images)} image(s) -> {a.out}")
+    print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s -> {a.out}")
 
 
 def _train(argv):

@@ -228,14 +228,17 @@ class VQQuantizerOutput(BaseOutput):
     perplexity: exp(entropy) of the code histogram in this batch (1 .. num_vq_embeddings).
     usage: fraction of the codebook used in this batch (0 .. 1).
     indices: [B, h, w] code ids.
+
+    The defaults exist so that ``VQQuantizerOutput(mapping)`` rebuilds it from a dict, as accelerate's
+    mixed-precision output conversion does; the model always sets every field.
     """
 
-    quantized: torch.Tensor
-    codebook_loss: torch.Tensor
-    commitment_loss: torch.Tensor
-    perplexity: torch.Tensor
-    usage: torch.Tensor
-    indices: torch.Tensor
+    quantized: torch.Tensor | None = None
+    codebook_loss: torch.Tensor | None = None
+    commitment_loss: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+    usage: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
 
 
 @dataclass

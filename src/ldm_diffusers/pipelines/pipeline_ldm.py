@@ -62,14 +62,25 @@ class LDMPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """Load from a local folder or a Hub id.
+        """Load from a local folder, a Hub id, or a model that ships with the package
+        (``"builtin:emoji-text-to-image"``).
 
         A Hub repository is downloaded first (safetensors and configs, no pickles) and then loaded as a
         local folder: stock ``DiffusionPipeline.from_pretrained`` refuses third-party components in Hub
         repositories unless ``trust_remote_code`` runs code from the repository, which this avoids.
         Folders in diffusers' own LDM layouts (``vqvae``/``bert``/``tokenizer``/``unet``/``scheduler``)
         load too, with their diffusers and transformers classes.
+
+        Without ``dtype`` (or its older name ``torch_dtype``) every component loads in float32, whatever
+        dtype its weights were saved in (diffusers models do this by themselves; transformers 5 would keep
+        the saved dtype), so a folder saved in float16 samples on a CPU as it is; pass
+        ``dtype=torch.float16`` to keep half precision.
         """
+        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
+        if str(pretrained_model_name_or_path).startswith("builtin:"):
+            from ..pretrained import pretrained_model_path
+
+            pretrained_model_name_or_path = pretrained_model_path(str(pretrained_model_name_or_path))
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             from huggingface_hub import snapshot_download
@@ -83,12 +94,12 @@ class LDMPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"No model_index.json in '{folder}': not a saved pipeline folder.")
         index = json.loads(index_file.read_text())
         if "vqvae" in index:
-            return cls._from_diffusers_ldm_layout(folder, index, **kwargs)
+            return cls._from_diffusers_ldm_layout(folder, index, dtype)
         kwargs.setdefault("use_safetensors", True)
-        return super().from_pretrained(folder, **kwargs)
+        return super().from_pretrained(folder, dtype=dtype, **kwargs)
 
     @classmethod
-    def _from_diffusers_ldm_layout(cls, folder: Path, index: dict, torch_dtype=None, **kwargs):
+    def _from_diffusers_ldm_layout(cls, folder: Path, index: dict, dtype: torch.dtype):
         components = {}
         for name, ours in DIFFUSERS_LDM_NAMES.items():
             if name not in index or index[name][0] is None:
@@ -102,10 +113,7 @@ class LDMPipeline(DiffusionPipeline):
             load = {"subfolder": name}
             if name not in ("tokenizer", "scheduler"):
                 load["use_safetensors"] = True
-                if torch_dtype is not None:
-                    # transformers 5 calls it "dtype", diffusers "torch_dtype"
-                    is_transformers = any(c.__module__.startswith("transformers") for c in component_cls.__mro__)
-                    load["dtype" if is_transformers else "torch_dtype"] = torch_dtype
+                load["dtype"] = dtype
             components[ours] = component_cls.from_pretrained(folder, **load)
         return cls(**components)
 
@@ -210,6 +218,8 @@ class LDMPipeline(DiffusionPipeline):
     def _eps(self, model_input: torch.Tensor, t, context: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.unet, UNet2DModel):  # diffusers' unconditional LDM UNet takes no context argument
             return self.unet(model_input, t).sample
+        if context is not None:
+            context = context.to(self.unet.dtype)  # e.g. a half-precision text encoder in front of a float32 UNet
         return self.unet(model_input, t, encoder_hidden_states=context).sample
 
     def _check_size(self, height, width, fixed=None):

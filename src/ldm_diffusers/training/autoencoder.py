@@ -394,7 +394,6 @@ def train(args: argparse.Namespace) -> dict:
         else:
             epoch += 1
     progress.close()
-    stop.close()
 
     # Final model: EMA weights if kept, scaling factor from data, metrics on the held-out split ---
     accelerator.wait_for_everyone()
@@ -416,6 +415,7 @@ def train(args: argparse.Namespace) -> dict:
             from ..hub import push_autoencoder
 
             push_autoencoder(output_dir, args, results)
+    stop.close()  # only now: a late signal must not kill the final save and evaluation
     accelerator.end_training()
     return results
 

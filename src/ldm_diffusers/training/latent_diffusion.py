@@ -594,7 +594,6 @@ def train(args: argparse.Namespace) -> dict:
             if args.validation_epochs and epoch % args.validation_epochs == 0:
                 validate(global_step)
     progress.close()
-    stop.close()
     elapsed = time.perf_counter() - train_start
 
     # The whole pipeline, EMA weights in the UNet ----------------------------------------------------
@@ -612,6 +611,7 @@ def train(args: argparse.Namespace) -> dict:
             pipe.push_to_hub(repo_id, private=args.hub_private, token=args.hub_token,
                              model_card_text=training_card_text(args, summary),
                              datasets=[args.dataset_name] if args.dataset_name and "/" in args.dataset_name else None)
+    stop.close()  # only now: a late signal must not kill the final save and evaluation
     accelerator.end_training()
     return summary
 
