@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 start=$(date +%s)
 python3 examples/f_study.py run --work_dir "$WORK" --train_data_dir "$DATA/emoji-64" \
-  --factors ${FACTORS:-1 2 4 8 16} --regularizations kl vq --jobs ${JOBS:-10} --mixed_precision ${MP:-bf16} \
+  --factors ${FACTORS:-1 2 4 8 16} --regularizations ${REGS:-kl vq} --stages ${STAGES:-stage1 stage2} --jobs ${JOBS:-10} --mixed_precision ${MP:-bf16} \
   --stage1_steps ${S1_STEPS:-1000} --stage1_batch_size ${S1_BATCH:-64} --disc_start ${DISC_START:-700} \
   --stage2_steps ${S2_STEPS:-3000} --stage2_batch_size ${S2_BATCH:-128} --evaluation_steps ${EVAL_STEPS:-750} \
   --stage1_deadline ${S1_DEADLINE:-150} --stage2_deadline ${S2_DEADLINE:-250} \
