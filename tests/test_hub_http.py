@@ -64,3 +64,58 @@ def test_second_load_and_offline_mode_use_the_cache(local_hub, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ClassEmbedder" in result.stdout
+
+
+def _snapshots(cache: Path, repo_id: str) -> list:
+    folder = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def test_errors_name_the_repository_and_leave_nothing_partial(local_hub, tmp_path, monkeypatch):
+    import pytest
+    from huggingface_hub import _snapshot_download, constants
+
+    from ldm_diffusers.hub import HubLoadError
+    from test_pipeline import make_pipe
+
+    cache = Path(constants.HF_HUB_CACHE)
+    with pytest.raises(HubLoadError, match="'org/missing'.*not found.*repository id"):
+        LDMPipeline.from_pretrained("org/missing")
+    make_pipe("class").save_pretrained(tmp_path / "saved")
+    local_hub.publish(tmp_path / "saved", "org/errors")
+    with pytest.raises(HubLoadError, match="'org/errors' at revision 'no-such-branch'"):
+        LDMPipeline.from_pretrained("org/errors", revision="no-such-branch")
+    # a repository that holds files but no pipeline
+    (tmp_path / "not-a-pipeline").mkdir()
+    (tmp_path / "not-a-pipeline" / "README.md").write_text("hello\n")
+    local_hub.publish(tmp_path / "not-a-pipeline", "org/readme-only")
+    with pytest.raises(HubLoadError, match="no model_index.json.*subfolder='unet'"):
+        LDMPipeline.from_pretrained("org/readme-only")
+    assert _snapshots(cache, "org/readme-only") == []
+
+    # the download breaks off after two files: the half-filled snapshot is removed, so an offline load
+    # afterwards fails instead of loading part of a pipeline
+    real = _snapshot_download.hf_hub_download
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(kwargs.get("filename"))
+        if len(calls) > 2:
+            raise ConnectionError("connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_snapshot_download, "hf_hub_download", flaky)
+    with pytest.raises(HubLoadError, match="'org/errors'.*Nothing partial was kept"):
+        LDMPipeline.from_pretrained("org/errors")
+    assert len(calls) > 2 and _snapshots(cache, "org/errors") == []  # (files are fetched by a thread pool)
+    monkeypatch.setattr(_snapshot_download, "hf_hub_download", real)
+
+    # server down: nothing listens on the endpoint
+    from local_hub import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", down)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", down + "/{repo_id}/resolve/{revision}/{filename}")
+    with pytest.raises(HubLoadError, match=f"'org/errors' on {down} could not be reached.*HF_HUB_OFFLINE=1"):
+        LDMPipeline.from_pretrained("org/errors")
+    assert _snapshots(cache, "org/errors") == []

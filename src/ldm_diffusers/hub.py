@@ -148,3 +148,59 @@ def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list
         extra_text=extra_text,
         usage=usage,
     )
+
+
+class HubLoadError(OSError):
+    """A pipeline could not be fetched from the Hub; the message names the repository and what to do."""
+
+
+def download_pipeline(repo_id: str, ignore_patterns: list[str], revision: str | None = None, **kwargs) -> Path:
+    """``snapshot_download`` of a pipeline repository into the Hub cache, returning its folder.
+
+    Errors say which repository, revision and server were asked and what to do. A failed download leaves no
+    partial snapshot behind: a half-filled snapshot folder would later be taken for the whole pipeline by
+    ``HF_HUB_OFFLINE=1`` / ``local_files_only=True`` loads.
+    """
+    import shutil
+
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache = Path(kwargs.get("cache_dir") or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    snapshots = cache / "snapshots"
+    existing = set(snapshots.iterdir()) if snapshots.is_dir() else set()
+    where = f"'{repo_id}'" + (f" at revision '{revision}'" if revision else "") + f" on {constants.ENDPOINT}"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore_patterns, **kwargs))
+        if not (folder / "model_index.json").is_file():
+            raise HubLoadError(
+                f"{where} has no model_index.json, so it is not a saved pipeline. Load a single component with its "
+                f"class and subfolder (e.g. LDMUNet2DConditionModel.from_pretrained('{repo_id}', subfolder='unet')), "
+                "or push a whole pipeline with LDMPipeline.push_to_hub."
+            )
+        return folder
+    except Exception as err:
+        for partial in (set(snapshots.iterdir()) if snapshots.is_dir() else set()) - existing:
+            shutil.rmtree(partial, ignore_errors=True)
+        for leftover in (cache / "blobs").glob("*.incomplete") if (cache / "blobs").is_dir() else []:
+            leftover.unlink(missing_ok=True)
+        if isinstance(err, HubLoadError):
+            raise
+        if isinstance(err, GatedRepoError):
+            message = f"{where} is gated: accept its terms on the Hub and pass token= (or run `hf auth login`)."
+        elif isinstance(err, RevisionNotFoundError):
+            message = f"{where}: no such revision. Pass an existing branch, tag or commit sha as revision=."
+        elif isinstance(err, RepositoryNotFoundError):
+            message = (f"{where} was not found: check the repository id and the revision (a private repository "
+                       "also needs token= or `hf auth login`).")
+        elif isinstance(err, LocalEntryNotFoundError):
+            message = (f"{where} could not be reached and is not in the local cache ({cache}): check the network and "
+                       "HF_ENDPOINT, or load it once while online (afterwards HF_HUB_OFFLINE=1 works).")
+        else:
+            message = f"Downloading {where} failed ({type(err).__name__}: {err}). Nothing partial was kept; try again."
+        raise HubLoadError(message) from err

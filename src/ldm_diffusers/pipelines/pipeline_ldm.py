@@ -83,12 +83,10 @@ class LDMPipeline(DiffusionPipeline):
             pretrained_model_name_or_path = pretrained_model_path(str(pretrained_model_name_or_path))
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
-            from huggingface_hub import snapshot_download
+            from ..hub import download_pipeline
 
             hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-            folder = Path(
-                snapshot_download(str(pretrained_model_name_or_path), ignore_patterns=PICKLE_PATTERNS, **hub_kwargs)
-            )
+            folder = download_pipeline(str(pretrained_model_name_or_path), PICKLE_PATTERNS, **hub_kwargs)
         index_file = folder / "model_index.json"
         if not index_file.is_file():
             raise FileNotFoundError(f"No model_index.json in '{folder}': not a saved pipeline folder.")
