@@ -61,3 +61,15 @@ def test_generate_uses_the_builtin_model_by_default(tmp_path):
 def test_unknown_builtin_name_is_a_clear_error():
     with pytest.raises(ValueError, match="builtin:emoji-text-to-image"):
         LDMPipeline.from_pretrained("builtin:nope")
+
+
+def test_model_card_metadata_and_numbers():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(REPO / "model_cards" / "ldm-emoji-text-to-image.md")
+    data = card.data
+    assert data.library_name == "diffusers" and data.license == "apache-2.0" and data.pipeline_tag == "text-to-image"
+    assert {"ldm-diffusers", "diffusers:LDMPipeline"} <= set(data.tags)
+    assert (REPO / "model_cards" / "ldm-emoji-text-to-image-samples.png").is_file()
+    size_mb = sum(p.stat().st_size for p in pretrained_model_path().rglob("*.safetensors")) / 1e6
+    assert f"{size_mb:.1f} MB" in card.text  # the card states the shipped size
