@@ -1,6 +1,7 @@
 #!/bin/bash
 # Continuation of run.sh for the shipped model: the same command with --max_train_steps 8000, resumed exactly
-# from checkpoint-4000 (optimiser, EMA, LR schedule, RNG and data position restored).
+# from checkpoint-4000 (optimiser, EMA, LR schedule, RNG and data position restored). For the shipped model it
+# was stopped with SIGTERM at step 6,967 (a clean stop: checkpoint, pipeline and validation grid written).
 cd "$(dirname "$0")/../../.."
 start=$(date +%s)
 python examples/train_text_to_image.py --pretrained_vae_model_name_or_path outputs/stage1/kl-f4 \
