@@ -22,8 +22,7 @@ def main(argv=None):
     from diffusers.utils import make_image_grid
 
     from ldm_diffusers import LDMPipeline
-    from ldm_diffusers.data import collate_pixels, load_image_splits, pixel_transform, tensor_to_pil
-    from ldm_diffusers.data.transforms import image_column_of
+    from ldm_diffusers.data import load_image_splits, load_pixels, tensor_to_pil
     from ldm_diffusers.evaluation import cached_reference_features, extract_features, generate_images, sample_metrics
     from ldm_diffusers.schedulers import SAMPLERS, switch_sampler
 
@@ -55,9 +54,7 @@ def main(argv=None):
         conditions, guidance = [{"class_labels": int(c)} for c in rows[a.class_column]], a.guidance_scale
     else:
         conditions, guidance = [{} for _ in range(n)], 1.0
-    rows.set_transform(pixel_transform(image_column_of(rows), a.resolution))
-    loader = torch.utils.data.DataLoader(rows, batch_size=64, collate_fn=collate_pixels)
-    real = torch.cat([(b["pixel_values"] + 1) / 2 for b in loader])
+    real = load_pixels(rows, a.resolution)
     settings = {"dataset": a.dataset_name or a.train_data_dir, "resolution": a.resolution, "n": n, "fingerprint": val._fingerprint}
     real_features = cached_reference_features("validation", settings, lambda: extract_features(real).numpy())
     fake, seconds = generate_images(pipe, conditions, a.batch_size, a.steps, guidance, a.seed)

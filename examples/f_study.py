@@ -111,16 +111,11 @@ def data_flags(a) -> list[str]:
 
 def save_validation_images(a, work: Path) -> None:
     """The validation split as the models see it (centre crop, [0, 255]) -> work/real_validation.npz."""
-    import torch
-
-    from ldm_diffusers.data import collate_pixels, load_image_splits, pixel_transform
-    from ldm_diffusers.data.transforms import image_column_of
+    from ldm_diffusers.data import load_image_splits, load_pixels
     from ldm_diffusers.training.sample_evaluation import save_samples, to_uint8
 
     _, val = load_image_splits(None if a.train_data_dir else a.dataset_name, None, a.train_data_dir, a.resolution)
-    val.set_transform(pixel_transform(image_column_of(val), a.resolution))
-    loader = torch.utils.data.DataLoader(val, batch_size=128, collate_fn=collate_pixels)
-    real = torch.cat([(b["pixel_values"] + 1) / 2 for b in loader])
+    real = load_pixels(val, a.resolution)
     save_samples(work / "real_validation.npz", to_uint8(real))
 
 
@@ -204,8 +199,6 @@ def last_step(folder: Path) -> int | None:
 
 
 def report(a) -> dict:
-    import torch
-
     from ldm_diffusers.evaluation import extract_features, fid_from_features, psnr, ssim
     from ldm_diffusers.training.sample_evaluation import load_samples, score_saved_samples
 

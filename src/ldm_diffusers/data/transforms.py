@@ -126,6 +126,14 @@ def collate_pixels(examples) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
 
 
+def load_pixels(dataset, resolution: int, batch_size: int = 128) -> torch.Tensor:
+    """Every image of ``dataset``, centre-cropped to ``resolution``, as [N, 3, R, R] in [0, 1]
+    (for metrics against real images; sets the dataset's transform)."""
+    dataset.set_transform(pixel_transform(image_column_of(dataset), resolution))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_pixels)
+    return torch.cat([(batch["pixel_values"] + 1) / 2 for batch in loader])
+
+
 def _transform_layout(layout, size, resolution: int, geometry, flip: bool) -> list[list[float]]:
     """Boxes [class, x0, y0, x1, y1] in [0, 1] of the original image -> the same in the crop; objects
     cropped away are dropped."""

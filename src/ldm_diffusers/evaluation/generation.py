@@ -35,6 +35,11 @@ def generate_images(pipe, conditions: list[dict], batch_size: int = 16, num_infe
     return images, (time.perf_counter() - start) / max(len(images), 1)
 
 
+def feature_metrics(real_features, fake_features, k: int = 3) -> dict[str, float]:
+    """FID, precision and recall (k-NN manifolds) of two Inception feature sets [N, 2048]."""
+    return {"fid": fid_from_features(real_features, fake_features), **precision_recall(real_features, fake_features, k)}
+
+
 def sample_metrics(real: torch.Tensor, fake: torch.Tensor, real_features=None, k: int = 3, is_splits: int = 10,
                    show_progress: bool = True) -> dict[str, float]:
     """FID, precision, recall (TF-Inception features) and IS (EfficientNet-Lite0) of ``fake`` against ``real``
@@ -42,7 +47,7 @@ def sample_metrics(real: torch.Tensor, fake: torch.Tensor, real_features=None, k
     if real_features is None:
         real_features = extract_features(real, desc="Inception features (real)", show_progress=show_progress)
     fake_features = extract_features(fake, desc="Inception features (generated)", show_progress=show_progress)
-    results = {"fid": fid_from_features(real_features, fake_features), **precision_recall(real_features, fake_features, k)}
+    results = feature_metrics(real_features, fake_features, k)
     classifier = EfficientNetClassifier()
     logits = torch.cat([classifier(b) for b in fake.split(64)])
     results["is_efficientnet_mean"], results["is_efficientnet_std"] = inception_score_from_logits(

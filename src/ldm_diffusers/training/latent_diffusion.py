@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..conditioning import MODES, Conditioning, TrainingColumns
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
 from .checkpointing import StopRequest, append_log, resume, save_checkpoint
+from .sample_evaluation import fixed_validation_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -700,20 +701,13 @@ class ValidationSet:
     def __init__(self, args, mode, columns, val_ds):
         self.args, self.mode = args, mode
         n = min(args.num_validation_images, len(val_ds))
-        rows = collate_examples([{**val_ds[i], "index": i} for i in range(n)])
-        self.references = rows["pixel_values"]
-        self.values = {}
-        if mode is not None:
-            rngs = [np.random.default_rng([args.seed, i]) for i in range(n)]
-            self.values = mode.training_inputs(rows, columns, rngs)
+        self.references, self.values, self.guidance = fixed_validation_inputs(args, mode, columns, val_ds, n)
         if args.conditioning == "text" and args.validation_prompts:
             self.values = {"prompt": list(args.validation_prompts)}
             self.references = None
         if args.conditioning == "class" and args.validation_class_labels:
             self.values = {"class_labels": torch.tensor(args.validation_class_labels)}
             self.references = None
-        has_null = mode is not None and mode.kind == "context" and args.conditioning_dropout_prob > 0
-        self.guidance = args.validation_guidance_scale if has_null else 1.0
         self.batch = n
 
     def run(self, accelerator, pipe, output_dir: Path, step: int) -> Path:

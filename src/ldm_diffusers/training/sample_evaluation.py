@@ -51,18 +51,25 @@ def fid_network_available() -> bool:
     return True
 
 
+def fixed_validation_inputs(args, mode, columns, val_ds, n: int) -> tuple[torch.Tensor, dict, float]:
+    """The first ``n`` validation rows as pipeline inputs: (their images [n, 3, H, W] in [-1, 1], the mode's call
+    inputs with per-row seeded randomness, the guidance scale: ``--validation_guidance_scale`` where the mode has
+    a null input that training dropped to, else 1)."""
+    rows = collate_examples([{**val_ds[i], "index": i} for i in range(n)])
+    values = {}
+    if mode is not None:
+        values = mode.training_inputs(rows, columns, [np.random.default_rng([args.seed, i]) for i in range(n)])
+    has_null = mode is not None and mode.kind == "context" and args.conditioning_dropout_prob > 0
+    return rows["pixel_values"], values, args.validation_guidance_scale if has_null else 1.0
+
+
 class SampleEvaluation:
     """Fixed inputs for every validation row (seeded per row) and the real images they are compared with."""
 
     def __init__(self, args, mode, columns, val_ds):
         n = min(args.evaluation_num_images or len(val_ds), len(val_ds))
-        rows = collate_examples([{**val_ds[i], "index": i} for i in range(n)])
-        self.real = (rows["pixel_values"] + 1) / 2
-        self.values = {}
-        if mode is not None:
-            self.values = mode.training_inputs(rows, columns, [np.random.default_rng([args.seed, i]) for i in range(n)])
-        has_null = mode is not None and mode.kind == "context" and args.conditioning_dropout_prob > 0
-        self.guidance = args.validation_guidance_scale if has_null else 1.0
+        references, self.values, self.guidance = fixed_validation_inputs(args, mode, columns, val_ds, n)
+        self.real = (references + 1) / 2
         self.args, self.n = args, n
         self.score = fid_network_available()
         self.real_features = None
@@ -91,26 +98,23 @@ class SampleEvaluation:
         save_samples(Path(output_dir) / "eval_samples" / f"step-{step:06d}.npz", to_uint8(fake))
         if not self.score:
             return {}
-        from ..evaluation import extract_features, fid_from_features, precision_recall
+        from ..evaluation import extract_features, feature_metrics
 
         if self.real_features is None:
             self.real_features = extract_features(self.real, show_progress=False)
-        fake_features = extract_features(fake, show_progress=False)
-        scores = {"fid": fid_from_features(self.real_features, fake_features),
-                  **precision_recall(self.real_features, fake_features)}
+        scores = feature_metrics(self.real_features, extract_features(fake, show_progress=False))
         return {f"eval/{k}": v for k, v in scores.items()}
 
 
 def score_saved_samples(sample_dir: Path, real: torch.Tensor, real_features=None) -> dict[int, dict]:
     """FID / precision / recall of every ``step-*.npz`` in ``sample_dir`` against ``real`` ([N, 3, H, W] in [0, 1]
     or uint8); returns {step: scores}."""
-    from ..evaluation import extract_features, fid_from_features, precision_recall
+    from ..evaluation import extract_features, feature_metrics
 
     if real_features is None:
         real_features = extract_features(real, desc="Inception features (real)")
     results = {}
     for path in sorted(Path(sample_dir).glob("step-*.npz")):
         step = int(path.stem.split("-")[1])
-        feats = extract_features(load_samples(path), desc=f"Inception features ({path.name})")
-        results[step] = {"fid": fid_from_features(real_features, feats), **precision_recall(real_features, feats)}
+        results[step] = feature_metrics(real_features, extract_features(load_samples(path), desc=f"Inception features ({path.name})"))
     return results
