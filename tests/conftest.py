@@ -63,12 +63,20 @@ def local_hub_server(tmp_path_factory):
     hub.stop()
 
 
-@pytest.fixture
-def local_hub(local_hub_server, tmp_path, monkeypatch):
-    """The local Hub as huggingface_hub's endpoint (HF_ENDPOINT, also for subprocesses), with an empty cache."""
-    from huggingface_hub import constants
+@pytest.fixture(scope="session")
+def hub_write_server(local_hub_server):
+    """The test write API (tests/hub_write_server.py) in front of olah, for the whole session."""
+    from hub_write_server import HubWriteServer
 
-    endpoint = local_hub_server.endpoint
+    server = HubWriteServer(local_hub_server).start()
+    yield server
+    server.stop()
+
+
+def _point_huggingface_hub_at(endpoint, tmp_path, monkeypatch):
+    """huggingface_hub's endpoint (HF_ENDPOINT, also for subprocesses), with an empty cache and no hf_xet."""
+    from huggingface_hub import constants, hf_api
+
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
@@ -76,4 +84,20 @@ def local_hub(local_hub_server, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)  # create_repo, upload_folder, ... bound at import
+
+
+@pytest.fixture
+def local_hub(local_hub_server, tmp_path, monkeypatch):
+    """olah itself as the Hub: read-only, repositories made with ``local_hub.publish``."""
+    _point_huggingface_hub_at(local_hub_server.endpoint, tmp_path, monkeypatch)
     return local_hub_server
+
+
+@pytest.fixture
+def writable_hub(hub_write_server, tmp_path, monkeypatch):
+    """The write server (in front of olah) as the Hub, with a user token set: pushes go through it."""
+    _point_huggingface_hub_at(hub_write_server.endpoint, tmp_path, monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    return hub_write_server

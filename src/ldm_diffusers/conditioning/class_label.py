@@ -7,10 +7,11 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..hub import ComponentCardMixin
 from .base import Conditioning, ConditioningMode
 
 
-class ClassEmbedder(ModelMixin, ConfigMixin):
+class ClassEmbedder(ComponentCardMixin, ModelMixin, ConfigMixin):
     """Labels [B] in 0..num_classes-1 -> tokens [B, 1, context_dim]. Row ``num_classes`` is the learned
     "null" class used for classifier-free guidance (and for label dropout during training)."""
 

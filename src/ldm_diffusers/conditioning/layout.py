@@ -15,13 +15,14 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..hub import ComponentCardMixin
 from .base import Conditioning, ConditioningMode
 
 Box = tuple[float, float, float, float]
 Layout = Sequence[tuple[int, Box]]
 
 
-class LayoutEncoder(ModelMixin, ConfigMixin):
+class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
     """Layouts -> tokens [B, max_objects, context_dim]. A layout is a list of ``(class_id, (x0, y0, x1, y1))``
     with coordinates in [0, 1] (x to the right, y down) and ``x0 <= x1``, ``y0 <= y1``."""
 

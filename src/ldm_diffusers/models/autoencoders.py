@@ -24,6 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 
+from ..hub import ComponentCardMixin
 from ..utils.checkpoints import read_config, safe_from_pretrained
 
 MAX_DOWNSAMPLING_LOG2 = 5
@@ -53,7 +54,7 @@ def is_vq_config(config) -> bool:
     return "num_vq_embeddings" in config or "VQ" in (config.get("_class_name") or "")
 
 
-class _LDMAutoencoderMixin:
+class _LDMAutoencoderMixin(ComponentCardMixin):
     """Shared checks and helpers; ``self.config`` is the diffusers config of the subclass."""
 
     @classmethod

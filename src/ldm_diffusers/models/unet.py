@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 from diffusers import UNet2DConditionModel
 
+from ..hub import ComponentCardMixin
 from ..utils.checkpoints import safe_from_pretrained
 
 
@@ -28,7 +29,7 @@ def unet_cross_attends(config) -> bool:
     return any("CrossAttn" in block for block in blocks)
 
 
-class LDMUNet2DConditionModel(UNet2DConditionModel):
+class LDMUNet2DConditionModel(ComponentCardMixin, UNet2DConditionModel):
     """eps_theta for latents [B, latent_channels, h, w]; see the module docstring."""
 
     @classmethod

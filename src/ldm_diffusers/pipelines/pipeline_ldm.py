@@ -124,9 +124,11 @@ class LDMPipeline(DiffusionPipeline):
         create_pr: bool = False,
         model_card_text: str = "",
         datasets: list[str] | None = None,
+        base_model: str | None = None,
     ):
         """Save the pipeline (safetensors) with a model card from ``model_cards/templates/pipeline.md``
-        and upload it to ``repo_id``."""
+        and upload it to ``repo_id``. ``model_card_text`` goes into the card; ``datasets`` and ``base_model``
+        (Hub ids) into its metadata. Returns huggingface_hub's ``CommitInfo``."""
         import tempfile
 
         from huggingface_hub import create_repo
@@ -136,7 +138,7 @@ class LDMPipeline(DiffusionPipeline):
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, safe_serialization=True)
-            pipeline_model_card(self, repo_id, model_card_text, datasets).save(os.path.join(tmp, "README.md"))
+            pipeline_model_card(self, repo_id, model_card_text, datasets, base_model).save(os.path.join(tmp, "README.md"))
             return self._upload_folder(
                 tmp, repo_id, token=token, commit_message=commit_message or "Upload LDMPipeline", create_pr=create_pr
             )

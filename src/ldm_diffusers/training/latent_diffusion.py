@@ -609,9 +609,13 @@ def train(args: argparse.Namespace) -> dict:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.resolve().name
+            from ..hub import hub_base_model
+
             pipe.push_to_hub(repo_id, private=args.hub_private, token=args.hub_token,
                              model_card_text=training_card_text(args, summary),
-                             datasets=[args.dataset_name] if args.dataset_name and "/" in args.dataset_name else None)
+                             datasets=[args.dataset_name] if args.dataset_name and "/" in args.dataset_name else None,
+                             base_model=hub_base_model(args.pretrained_model_name_or_path,
+                                                       args.pretrained_vae_model_name_or_path))
     stop.close()  # only now: a late signal must not kill the final save and evaluation
     accelerator.end_training()
     return summary

@@ -33,8 +33,10 @@ def read_config(path, subfolder=None) -> dict:
     if folder is None:
         from huggingface_hub import hf_hub_download
 
-        filename = f"{subfolder}/config.json" if subfolder else "config.json"
-        return json.loads(Path(hf_hub_download(str(path), filename)).read_text())
+        from ..hub import hub_download_errors
+
+        with hub_download_errors(str(path), subfolder=subfolder):
+            return json.loads(Path(hf_hub_download(str(path), "config.json", subfolder=subfolder)).read_text())
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"No config.json in '{folder}'. Save the model with `save_pretrained(folder)` first.")
@@ -85,7 +87,13 @@ def safe_from_pretrained(loader, pretrained_model_name_or_path, **kwargs):
     check_model_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
     kwargs.setdefault("use_safetensors", True)
     try:
-        return loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if _local_folder(pretrained_model_name_or_path) is not None:
+            return loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        from ..hub import hub_download_errors
+
+        with hub_download_errors(str(pretrained_model_name_or_path), kwargs.get("revision"), kwargs.get("cache_dir"),
+                                 kwargs.get("subfolder")):
+            return loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
     except Exception as err:
         if "safetensors" in type(err).__module__ or "deserializ" in str(err).lower():
             raise CheckpointError(
