@@ -222,7 +222,9 @@ def _handler(server: HubWriteServer):
             for key, value in response.getheaders():
                 if key.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
                     self.send_header(key, value)
-            self.send_header("Content-Length", str(len(data)))
+            # a HEAD answer has no body but announces the length of the GET one
+            length = response.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)

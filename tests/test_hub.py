@@ -1,10 +1,16 @@
-import argparse
+"""Model cards: what they say, and their Hub metadata through huggingface_hub's own ``ModelCard.validate``
+(which asks the Hub's ``/api/validate-yaml``; here the test write server, tests/hub_write_server.py)."""
 
+from pathlib import Path
+
+import pytest
 from conftest import tiny_kl, tiny_vq
 from huggingface_hub import ModelCard
 
-from ldm_diffusers.hub import autoencoder_model_card
+from ldm_diffusers.hub import autoencoder_model_card, component_model_card, pipeline_model_card
 from ldm_diffusers.training.autoencoder import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_autoencoder_model_cards_render_with_hub_metadata():
@@ -19,31 +25,70 @@ def test_autoencoder_model_cards_render_with_hub_metadata():
         assert parsed.data.library_name == "diffusers"
         assert "ldm-diffusers" in parsed.data.tags
         assert parsed.data.license == "apache-2.0"
+        assert parsed.data.base_model is None  # trained from scratch
 
 
-def test_push_autoencoder_uploads_model_and_card_but_not_checkpoints(tmp_path, monkeypatch):
-    # The upload itself is exercised against a local Hub server in the Hub-sharing tests; here the
-    # huggingface_hub calls are recorded to check what would be sent.
-    import huggingface_hub
+def _every_card():
+    """(name, card, expected pipeline tag) for each kind of card the package writes."""
+    from test_pipeline import concat_pipe, make_pipe, tiny_unet
 
-    from ldm_diffusers.hub import push_autoencoder
+    from ldm_diffusers import LDMPipeline, LayoutEncoder, ldm_scheduler
 
-    calls = {}
+    layout = LDMPipeline(vae=tiny_kl(4, latent_channels=3), unet=tiny_unet(context_dim=16),
+                         scheduler=ldm_scheduler("ddim", "text"),
+                         layout_encoder=LayoutEncoder(num_classes=5, context_dim=16, max_objects=4, num_bins=8,
+                                                      depth=1, num_heads=2))
+    pipes = {"text": make_pipe("prompt"), "class": make_pipe("class"), "unconditional": make_pipe("unconditional"),
+             "layout": layout, "super-resolution": concat_pipe(3), "inpainting": concat_pipe(4)}
+    tags = {"text": "text-to-image", "class": "unconditional-image-generation", "layout": "text-to-image",
+            "unconditional": "unconditional-image-generation", "super-resolution": "image-to-image",
+            "inpainting": "image-to-image"}
+    for mode, pipe in pipes.items():
+        yield f"pipeline-{mode}", pipeline_model_card(pipe, "org/p"), tags[mode]
+    yield ("pipeline-finetuned", pipeline_model_card(pipes["text"], "org/p", datasets=["org/emoji-captions"],
+                                                     base_model="org/base-ldm"), "text-to-image")
+    args = build_parser().parse_args(["--dataset_name", "org/images", "--pretrained_model_name_or_path", "org/vae"])
+    for name, model in (("kl", tiny_kl(4)), ("vq", tiny_vq(4))):
+        yield f"autoencoder-{name}", autoencoder_model_card(model, args, {"steps": 3}, "org/ae"), "image-to-image"
+        yield f"component-{name}", component_model_card(model, "org/c"), "image-to-image"
+    for name in ("unet", "class_embedder"):
+        yield f"component-{name}", component_model_card(getattr(pipes["class"], name), "org/c"), None
+    yield "component-layout_encoder", component_model_card(layout.layout_encoder, "org/c"), None
+    yield "shipped", ModelCard.load(REPO / "model_cards" / "ldm-emoji-text-to-image.md"), "text-to-image"
 
-    def create_repo(repo_id, **kwargs):
-        calls["create"] = (repo_id, kwargs)
-        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: calls.setdefault("upload", kwargs))
-    model = tiny_kl(4)
-    model.save_pretrained(tmp_path)
-    (tmp_path / "checkpoint-5").mkdir()
-    args = build_parser().parse_args(["--hub_model_id", "org/my-vae", "--push_to_hub"])
-    assert push_autoencoder(tmp_path, args, {"steps": 5, "psnr": 20.0}) == "org/my-vae"
-    assert calls["create"][0] == "org/my-vae"
-    upload = calls["upload"]
-    assert upload["repo_id"] == "org/my-vae" and upload["folder_path"] == str(tmp_path)
-    assert "*.safetensors" in upload["allow_patterns"] and "README.md" in upload["allow_patterns"]
-    assert not any(p.startswith("checkpoint") for p in upload["allow_patterns"])
-    assert "KL-regularised" in (tmp_path / "README.md").read_text()
+def test_every_model_card_passes_the_hubs_metadata_validation(writable_hub):
+    names = []
+    for name, card, pipeline_tag in _every_card():
+        card = ModelCard(str(card))  # as the Hub reads README.md
+        card.validate()  # raises ValueError with the Hub's reasons
+        assert writable_hub.validated[-1] == ([], []), name  # no errors and no warnings
+        data = card.data
+        assert data.library_name == "diffusers" and data.license == "apache-2.0", name
+        assert {"ldm-diffusers", "latent-diffusion"} <= set(data.tags), name
+        assert data.pipeline_tag == pipeline_tag, name
+        names.append(name)
+    assert len(names) == 15
+    by_name = {name: ModelCard(str(card)).data for name, card, _ in _every_card()}
+    assert by_name["pipeline-finetuned"].base_model == "org/base-ldm"
+    assert by_name["pipeline-finetuned"].datasets == ["org/emoji-captions"]
+    assert by_name["autoencoder-kl"].base_model == "org/vae" and by_name["autoencoder-kl"].datasets == ["org/images"]
+
+
+def test_the_validation_rejects_what_the_hub_rejects(writable_hub):
+    from hub_write_server import hub_vocabulary, metadata_errors
+
+    vocabulary = hub_vocabulary()  # the Hub's own lists, from its npm packages
+    assert {"text-to-image", "image-to-image", "unconditional-image-generation"} <= vocabulary["pipeline_tag"]
+    assert "diffusers" in vocabulary["library_name"] and "apache-2.0" in vocabulary["license"]
+    bad = ModelCard("---\nlicense: apache\npipeline_tag: text2image\nlibrary_name: diffusers\n"
+                    "base_model: not a repo id\ndatasets: []\n---\n# bad\n")
+    with pytest.raises(ValueError) as err:
+        bad.validate()
+    for field in ("license", "pipeline_tag", "base_model", "datasets"):
+        assert f'"{field}"' in str(err.value)
+    broken = "---\nlicense: [apache-2.0\n---\n# broken\n"
+    with pytest.raises(Exception, match="flow sequence"):
+        ModelCard(broken)  # huggingface_hub refuses broken YAML before asking the Hub
+    assert metadata_errors(broken, vocabulary)[0][0].startswith("invalid YAML")  # and so would the server
+    assert metadata_errors("# no metadata\n", vocabulary) == ([], ["empty or missing yaml metadata in repo card"])

@@ -119,3 +119,42 @@ def test_errors_name_the_repository_and_leave_nothing_partial(local_hub, tmp_pat
     with pytest.raises(HubLoadError, match=f"'org/errors' on {down} could not be reached.*HF_HUB_OFFLINE=1"):
         LDMPipeline.from_pretrained("org/errors")
     assert _snapshots(cache, "org/errors") == []
+
+
+def test_component_and_file_errors_name_the_repository(local_hub, tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+    from huggingface_hub import constants
+
+    from ldm_diffusers import LDMAutoencoderKL, load_autoencoder
+    from ldm_diffusers.hub import HubLoadError
+    from test_pipeline import make_pipe
+
+    cache = Path(constants.HF_HUB_CACHE)
+    folder = tmp_path / "saved"
+    make_pipe("class").save_pretrained(folder)
+    # a pipeline whose unet weights were never uploaded: refused, and no snapshot kept for an offline load
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    local_hub.publish(folder, "org/no-unet-weights")
+    with pytest.raises(HubLoadError, match=r"'org/no-unet-weights'.*incomplete.*unet/\*\.safetensors.*push_to_hub"):
+        LDMPipeline.from_pretrained("org/no-unet-weights")
+    assert _snapshots(cache, "org/no-unet-weights") == []
+    # single components: a missing weights file, a wrong subfolder, a missing repository, a wrong revision
+    with pytest.raises(HubLoadError, match=r"'org/no-unet-weights' \(subfolder 'unet'\).*no file "
+                                           r"'unet/diffusion_pytorch_model.safetensors'.*subfolder="):
+        LDMUNet2DConditionModel.from_pretrained("org/no-unet-weights", subfolder="unet")
+    assert _snapshots(cache, "org/no-unet-weights") == []  # the config it did fetch is not left as a snapshot
+    # (olah answers a file in a folder that does not exist like a missing repository, 401; the Hub says 404)
+    with pytest.raises(HubLoadError, match=r"\(subfolder 'vea'\).*not found.*subfolder="):
+        LDMAutoencoderKL.from_pretrained("org/no-unet-weights", subfolder="vea")
+    with pytest.raises(HubLoadError, match=r"'org/nothing-here'.*not found"):
+        load_autoencoder("org/nothing-here")  # reads the config first to pick KL or VQ
+    with pytest.raises(HubLoadError, match=r"'org/no-unet-weights' \(subfolder 'vae'\) at revision 'v9'"):
+        LDMAutoencoderKL.from_pretrained("org/no-unet-weights", subfolder="vae", revision="v9")
+    shutil.rmtree(cache, ignore_errors=True)
+    # the component that is there loads, and equals the local one
+    vae = LDMAutoencoderKL.from_pretrained("org/no-unet-weights", subfolder="vae")
+    local = LDMAutoencoderKL.from_pretrained(folder / "vae")
+    for name, value in local.state_dict().items():
+        assert torch.equal(value, vae.state_dict()[name]), name

@@ -1,6 +1,11 @@
 """Pushing to a Hub over real HTTP: huggingface_hub's own upload code against the test write server
 (tests/hub_write_server.py), then pulling what was pushed from olah itself."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +13,8 @@ from conftest import _point_huggingface_hub_at, tiny_kl
 from huggingface_hub import ModelCard
 
 from ldm_diffusers import LDMAutoencoderKL, LDMPipeline
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _weights_equal(a: torch.nn.Module, b: torch.nn.Module):
@@ -39,6 +46,10 @@ def test_pipeline_push_to_hub_then_pull(writable_hub, tmp_path, monkeypatch):
     # the same weights again: every LFS object is on the server already, so nothing is uploaded twice
     pipe.push_to_hub("org/pushed-ldm", commit_message="same weights", model_card_text="A tiny test pipeline.")
     assert [p for m, p in writable_hub.requests if m == "PUT"] == puts
+
+    files = _repo_files(writable_hub, "org/pushed-ldm")
+    assert {"model_index.json", "README.md", "unet/diffusion_pytorch_model.safetensors"} <= set(files)
+    assert not any(f.endswith(".bin") for f in files)
 
     _pull_from_olah(writable_hub, tmp_path, monkeypatch)
     pulled = LDMPipeline.from_pretrained("org/pushed-ldm")
@@ -72,3 +83,49 @@ def test_push_needs_a_token_and_an_existing_repo(writable_hub, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     with pytest.raises(RepositoryNotFoundError):
         create_commit("org/never-created", [CommitOperationAdd("a.txt", b"a")], commit_message="x")
+
+
+def _run_script(script: str, args: list[str]):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _repo_files(writable_hub, repo_id: str) -> list[str]:
+    return subprocess.run(["git", "ls-tree", "-r", "--name-only", "main"], cwd=writable_hub.hub.repo_path(repo_id),
+                          check=True, capture_output=True, text=True).stdout.split()
+
+
+def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, tmp_path, monkeypatch):
+    """Stage 1 trains and pushes its autoencoder; stage 2 trains on that autoencoder *from the Hub* and pushes
+    the pipeline; both come back from olah with the weights the scripts saved."""
+    from test_train_autoencoder import tiny_args as stage1_args
+    from test_train_latent_diffusion import tiny_args as stage2_args
+
+    from ldm_diffusers import load_autoencoder
+
+    ae_dir, ldm_dir = tmp_path / "stage1", tmp_path / "stage2"
+    _run_script("train_autoencoder.py", stage1_args(
+        emoji16, ae_dir, "-f", "4", "--max_train_steps", "2", "--checkpointing_steps", "1", "--perceptual_loss",
+        "none", "--skip_rfid", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/script-vae"))
+    files = _repo_files(writable_hub, "org/script-vae")
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "eval_results.json"} <= set(files)
+    assert not any(f.startswith("checkpoint-") for f in files)  # training state stays local
+    assert writable_hub.validated[-1] == ([], [])  # the card's metadata passed the Hub's checks on upload
+
+    _run_script("train_text_to_image.py", stage2_args(
+        "org/script-vae", emoji16, ldm_dir, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id",
+        "org/script-ldm"))
+    assert writable_hub.validated[-1] == ([], [])
+    assert not any(f.startswith("checkpoint-") for f in _repo_files(writable_hub, "org/script-ldm"))
+
+    _pull_from_olah(writable_hub, tmp_path, monkeypatch)
+    _weights_equal(LDMAutoencoderKL.from_pretrained("org/script-vae"), load_autoencoder(ae_dir))
+    pulled, saved = LDMPipeline.from_pretrained("org/script-ldm"), LDMPipeline.from_pretrained(ldm_dir)
+    for name in ("unet", "vae", "text_encoder"):
+        _weights_equal(getattr(pulled, name), getattr(saved, name))
+    vae_card, ldm_card = ModelCard.load("org/script-vae"), ModelCard.load("org/script-ldm")
+    assert "kl-regularized" in vae_card.data.tags and vae_card.data.pipeline_tag == "image-to-image"
+    assert ldm_card.data.base_model == "org/script-vae"  # stage 2 names the Hub autoencoder it was trained on
+    assert "text conditioning" in ldm_card.text and "2 steps" in ldm_card.text

@@ -196,18 +196,6 @@ def test_bad_input_gets_clear_errors(stage1, emoji16, tmp_path, capsys):
         main(tiny_args(stage1, emoji16, tmp_path / "o2", "--resolution", "18", "--max_train_steps", "1"))
 
 
-def test_push_to_hub_uploads_the_pipeline_with_a_card(stage1, emoji16, tmp_path, monkeypatch):
-    pushed = {}
-
-    def fake_push(self, repo_id, **kwargs):
-        pushed.update(repo_id=repo_id, unet=self.unet, **kwargs)
-
-    monkeypatch.setattr(LDMPipeline, "push_to_hub", fake_push)
-    main(tiny_args(stage1, emoji16, tmp_path / "o", "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/ldm"))
-    assert pushed["repo_id"] == "me/ldm"
-    assert "text conditioning" in pushed["model_card_text"] and "1 steps" in pushed["model_card_text"]
-
-
 def _launch(args, processes):
     """``accelerate launch`` on CPU. Several CPU processes need torchrun's launcher (``--multi_gpu``) with
     ``ACCELERATE_USE_CPU=1``, which makes accelerate use the gloo backend; ``--cpu`` alone starts one process."""

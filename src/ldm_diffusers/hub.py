@@ -300,8 +300,9 @@ def hub_download_errors(repo_id: str, revision: str | None = None, cache_dir=Non
         elif isinstance(cause, RevisionNotFoundError):
             message = f"{where}: no such revision. Pass an existing branch, tag or commit sha as revision=."
         elif isinstance(cause, RepositoryNotFoundError):
-            message = (f"{where} was not found: check the repository id and the revision (a private repository "
-                       "also needs token= or `hf auth login`).")
+            message = (f"{where} was not found: check the repository id, the revision"
+                       + (" and subfolder=" if subfolder else "")
+                       + " (a private repository also needs token= or `hf auth login`).")
         elif isinstance(cause, LocalEntryNotFoundError):
             message = (f"{where} could not be reached and is not in the local cache ({cache}): check the network and "
                        "HF_ENDPOINT, or load it once while online (afterwards HF_HUB_OFFLINE=1 works).")
