@@ -103,6 +103,7 @@ class HubWriteServer:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
         self.validated: list[tuple[list[str], list[str]]] = []  # (errors, warnings) of every card validated
+        self.fail_uploads = 0  # tests set it to refuse that many LFS uploads (an upload broken off mid-push)
         self._vocabulary = None
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -244,6 +245,10 @@ def _handler(server: HubWriteServer):
             if match is None:
                 return self.reply(404, {"error": f"no route {self.path}"})
             oid, size = match.group(1), int(match.group(2))
+            with server.lock:
+                refuse, server.fail_uploads = server.fail_uploads > 0, max(server.fail_uploads - 1, 0)
+            if refuse:
+                return self.reply(400, {"error": f"upload of object {oid} broken off"})
             if hashlib.sha256(data).hexdigest() != oid or len(data) != size:
                 return self.reply(400, {"error": f"object {oid}: content does not match its sha256 and size"})
             target = server.objects / oid

@@ -129,3 +129,20 @@ def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, t
     assert "kl-regularized" in vae_card.data.tags and vae_card.data.pipeline_tag == "image-to-image"
     assert ldm_card.data.base_model == "org/script-vae"  # stage 2 names the Hub autoencoder it was trained on
     assert "text conditioning" in ldm_card.text and "2 steps" in ldm_card.text
+
+
+def test_a_broken_push_commits_nothing_and_a_retry_completes_it(writable_hub, tmp_path, monkeypatch):
+    from test_pipeline import make_pipe
+
+    pipe = make_pipe("class")
+    with torch.no_grad():  # weights no earlier test pushed, so every object has to go up
+        for p in pipe.unet.parameters():
+            p.mul_(1.5)
+    writable_hub.fail_uploads = 1
+    with pytest.raises(RuntimeError, match="Error while uploading") as err:
+        pipe.push_to_hub("org/interrupted")
+    assert "broken off" in str(err.value.__cause__)
+    assert _repo_files(writable_hub, "org/interrupted") == [".gitattributes"]  # no half-pushed pipeline
+    pipe.push_to_hub("org/interrupted")
+    _pull_from_olah(writable_hub, tmp_path, monkeypatch)
+    _weights_equal(LDMPipeline.from_pretrained("org/interrupted").unet, pipe.unet)
