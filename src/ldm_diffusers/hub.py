@@ -31,28 +31,33 @@ def _fmt(value, digits=4):
     return "n/a" if value is None else str(value)
 
 
-def autoencoder_model_card(model, args, results: dict, repo_id: str):
-    """A ``huggingface_hub.ModelCard`` for a trained stage-1 autoencoder, from ``autoencoder.md``."""
+def _render_card(template: str, repo_id: str, *, pipeline_tag: str | None, tags: list[str],
+                 datasets: list[str] | None = None, base_model: str | None = None, **fields):
+    """A ``huggingface_hub.ModelCard`` from ``model_cards/templates/<template>``, with the Hub metadata every
+    card here shares (diffusers library, Apache-2.0, ldm-diffusers / latent-diffusion tags)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", pipeline_tag=pipeline_tag,
+                              tags=["ldm-diffusers", "latent-diffusion", *tags], datasets=datasets,
+                              base_model=base_model)
+    return ModelCard.from_template(card_data, template_path=str(template_path(template)),
+                                   model_name=repo_id.split("/")[-1], repo_id=repo_id, **fields)
+
+
+def autoencoder_model_card(model, args, results: dict, repo_id: str):
+    """A ``huggingface_hub.ModelCard`` for a trained stage-1 autoencoder, from ``autoencoder.md``."""
     from .models.autoencoders import is_vq_config
 
     is_vq = is_vq_config(model.config)
     regularization = "vq" if is_vq else "kl"
     dataset = args.dataset_name or ("local imagefolder" if args.train_data_dir else "Noto Color Emoji (built-in)")
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="apache-2.0",
+    return _render_card(
+        "autoencoder.md",
+        repo_id,
         pipeline_tag="image-to-image",
-        tags=["ldm-diffusers", "latent-diffusion", "autoencoder", f"{regularization}-regularized"],
+        tags=["autoencoder", f"{regularization}-regularized"],
         datasets=[args.dataset_name] if args.dataset_name and args.dataset_name != "emoji" else None,
         base_model=hub_base_model(args.pretrained_model_name_or_path),
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template_path("autoencoder.md")),
-        model_name=repo_id.split("/")[-1],
-        repo_id=repo_id,
         regularization=regularization,
         regularization_title="VQ-regularised (VQGAN-style)" if is_vq else "KL-regularised",
         f=model.downsampling_factor,
@@ -152,23 +157,15 @@ def _component_description(model) -> tuple[str, list[str], str | None, list[tupl
 
 def component_model_card(model, repo_id: str, base_model: str | None = None, datasets: list[str] | None = None):
     """A ``huggingface_hub.ModelCard`` for one saved component (UNet, autoencoder, conditioning encoder)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     description, tags, pipeline_tag, rows = _component_description(model)
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="apache-2.0",
+    bases = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("diffusers.")]
+    return _render_card(
+        "component.md",
+        repo_id,
         pipeline_tag=pipeline_tag,
-        tags=["ldm-diffusers", "latent-diffusion", *tags],
+        tags=tags,
         datasets=datasets,
         base_model=base_model,
-    )
-    bases = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("diffusers.")]
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template_path("component.md")),
-        model_name=repo_id.split("/")[-1],
-        repo_id=repo_id,
         description=description,
         class_name=type(model).__name__,
         base_class=bases[0] if bases else "ModelMixin",
@@ -192,8 +189,6 @@ class ComponentCardMixin:
 def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list[str] | None = None,
                         base_model: str | None = None):
     """A ``huggingface_hub.ModelCard`` for an :class:`~ldm_diffusers.LDMPipeline`, from ``pipeline.md``."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     encoders = [(n, type(getattr(pipe, n)).__name__) for n in ("text_encoder", "class_embedder", "layout_encoder")
                 if getattr(pipe, n, None) is not None]
     concat = pipe.unet.config.in_channels - pipe.unet.config.out_channels
@@ -211,19 +206,13 @@ def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list
     from .models.unet import unet_cross_attends
 
     sched = pipe.scheduler.config
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="apache-2.0",
+    return _render_card(
+        "pipeline.md",
+        repo_id,
         pipeline_tag=tag,
-        tags=["ldm-diffusers", "latent-diffusion", "diffusers:LDMPipeline"],
+        tags=["diffusers:LDMPipeline"],
         datasets=datasets,
         base_model=base_model,
-    )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template_path("pipeline.md")),
-        model_name=repo_id.split("/")[-1],
-        repo_id=repo_id,
         vae_kind="VQ-regularised" if is_vq_config(pipe.vae.config) else "KL-regularised",
         vae_class=type(pipe.vae).__name__,
         f=pipe.vae_scale_factor,
