@@ -103,6 +103,7 @@ class HubWriteServer:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for the tests
         self.validated: list[tuple[list[str], list[str]]] = []  # (errors, warnings) of every card validated
+        self.tokens: set[str] = set()  # the bearer tokens write requests came with
         self.fail_uploads = 0  # tests set it to refuse that many LFS uploads (an upload broken off mid-push)
         self._vocabulary = None
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
@@ -201,6 +202,7 @@ def _handler(server: HubWriteServer):
 
         def authorized(self) -> bool:
             if self.headers.get("Authorization", "").startswith("Bearer "):
+                server.tokens.add(self.headers["Authorization"][len("Bearer "):])
                 return True
             self.reply(401, {"error": "Invalid credentials in Authorization header"})
             return False

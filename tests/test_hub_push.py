@@ -85,8 +85,9 @@ def test_push_needs_a_token_and_an_existing_repo(writable_hub, monkeypatch):
         create_commit("org/never-created", [CommitOperationAdd("a.txt", b"a")], commit_message="x")
 
 
-def _run_script(script: str, args: list[str]):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+def _run_script(script: str, args: list[str], **env_changes):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", **env_changes)
+    env = {k: v for k, v in env.items() if v is not None}
     result = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], env=env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,7 +109,9 @@ def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, t
     ae_dir, ldm_dir = tmp_path / "stage1", tmp_path / "stage2"
     _run_script("train_autoencoder.py", stage1_args(
         emoji16, ae_dir, "-f", "4", "--max_train_steps", "2", "--checkpointing_steps", "1", "--perceptual_loss",
-        "none", "--skip_rfid", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/script-vae"))
+        "none", "--skip_rfid", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/script-vae",
+        "--hub_token", "hf_given_on_the_command_line"), HF_TOKEN=None)  # the write server needs a token: this one
+    assert "hf_given_on_the_command_line" in writable_hub.tokens
     files = _repo_files(writable_hub, "org/script-vae")
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "eval_results.json"} <= set(files)
     assert not any(f.startswith("checkpoint-") for f in files)  # training state stays local
