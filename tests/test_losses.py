@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from conftest import tiny_kl, tiny_vq
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 

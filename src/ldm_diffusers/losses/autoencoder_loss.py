@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .discriminator import DISCRIMINATOR_LOSSES, NLayerDiscriminator, generator_adversarial_loss
 
