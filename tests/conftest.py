@@ -25,6 +25,14 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
+    """The two modules hold the same parameter and buffer names with bit-identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, value in sa.items():
+        assert torch.equal(value, sb[name]), name
+
+
 def tiny_kl(f: int = 4, **kwargs):
     from ldm_diffusers import LDMAutoencoderKL
 

@@ -58,7 +58,7 @@ def _every_card():
 
 
 def test_every_model_card_passes_the_hubs_metadata_validation(writable_hub):
-    names = []
+    cards = {}
     for name, card, pipeline_tag in _every_card():
         card = ModelCard(str(card))  # as the Hub reads README.md
         card.validate()  # raises ValueError with the Hub's reasons
@@ -67,12 +67,11 @@ def test_every_model_card_passes_the_hubs_metadata_validation(writable_hub):
         assert data.library_name == "diffusers" and data.license == "apache-2.0", name
         assert {"ldm-diffusers", "latent-diffusion"} <= set(data.tags), name
         assert data.pipeline_tag == pipeline_tag, name
-        names.append(name)
-    assert len(names) == 15
-    by_name = {name: ModelCard(str(card)).data for name, card, _ in _every_card()}
-    assert by_name["pipeline-finetuned"].base_model == "org/base-ldm"
-    assert by_name["pipeline-finetuned"].datasets == ["org/emoji-captions"]
-    assert by_name["autoencoder-kl"].base_model == "org/vae" and by_name["autoencoder-kl"].datasets == ["org/images"]
+        cards[name] = data
+    assert len(cards) == 15
+    assert cards["pipeline-finetuned"].base_model == "org/base-ldm"
+    assert cards["pipeline-finetuned"].datasets == ["org/emoji-captions"]
+    assert cards["autoencoder-kl"].base_model == "org/vae" and cards["autoencoder-kl"].datasets == ["org/images"]
 
 
 def test_the_validation_rejects_what_the_hub_rejects(writable_hub):

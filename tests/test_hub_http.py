@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import assert_same_weights
 
 from ldm_diffusers import LDMPipeline, LDMUNet2DConditionModel
 
@@ -29,8 +30,7 @@ def test_pipeline_from_hub_equals_the_local_folder(local_hub, tmp_path):
     assert np.array_equal(_sample(hub_pipe), _sample(LDMPipeline.from_pretrained(folder)))
     # one component, from its subfolder
     unet = LDMUNet2DConditionModel.from_pretrained("org/text-ldm", subfolder="unet")
-    for name, value in unet.state_dict().items():
-        assert torch.equal(value, hub_pipe.unet.state_dict()[name]), name
+    assert_same_weights(unet, hub_pipe.unet)
 
     # a new commit on main; the tag and the old sha still give the first weights
     changed = make_pipe("prompt")
@@ -156,5 +156,4 @@ def test_component_and_file_errors_name_the_repository(local_hub, tmp_path, monk
     # the component that is there loads, and equals the local one
     vae = LDMAutoencoderKL.from_pretrained("org/no-unet-weights", subfolder="vae")
     local = LDMAutoencoderKL.from_pretrained(folder / "vae")
-    for name, value in local.state_dict().items():
-        assert torch.equal(value, vae.state_dict()[name]), name
+    assert_same_weights(vae, local)

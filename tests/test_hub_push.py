@@ -9,19 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import _point_huggingface_hub_at, tiny_kl
+from conftest import _point_huggingface_hub_at, assert_same_weights, tiny_kl
 from huggingface_hub import ModelCard
 
 from ldm_diffusers import LDMAutoencoderKL, LDMPipeline
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _weights_equal(a: torch.nn.Module, b: torch.nn.Module):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name, value in sa.items():
-        assert torch.equal(value, sb[name]), name
 
 
 def _pull_from_olah(writable_hub, tmp_path, monkeypatch):
@@ -54,7 +47,7 @@ def test_pipeline_push_to_hub_then_pull(writable_hub, tmp_path, monkeypatch):
     _pull_from_olah(writable_hub, tmp_path, monkeypatch)
     pulled = LDMPipeline.from_pretrained("org/pushed-ldm")
     for name in ("unet", "vae", "text_encoder"):
-        _weights_equal(getattr(pulled, name), getattr(pipe, name))
+        assert_same_weights(getattr(pulled, name), getattr(pipe, name))
     assert np.array_equal(_sample(pulled), _sample(pipe))
     card = ModelCard.load("org/pushed-ldm")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
@@ -66,7 +59,7 @@ def test_model_push_to_hub_then_pull(writable_hub, tmp_path, monkeypatch):
     vae.push_to_hub("org/pushed-vae")
     _pull_from_olah(writable_hub, tmp_path, monkeypatch)
     pulled = LDMAutoencoderKL.from_pretrained("org/pushed-vae")
-    _weights_equal(pulled, vae)
+    assert_same_weights(pulled, vae)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(pulled(x, sample_posterior=False).sample, vae(x, sample_posterior=False).sample)
@@ -124,10 +117,10 @@ def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, t
     assert not any(f.startswith("checkpoint-") for f in _repo_files(writable_hub, "org/script-ldm"))
 
     _pull_from_olah(writable_hub, tmp_path, monkeypatch)
-    _weights_equal(LDMAutoencoderKL.from_pretrained("org/script-vae"), load_autoencoder(ae_dir))
+    assert_same_weights(LDMAutoencoderKL.from_pretrained("org/script-vae"), load_autoencoder(ae_dir))
     pulled, saved = LDMPipeline.from_pretrained("org/script-ldm"), LDMPipeline.from_pretrained(ldm_dir)
     for name in ("unet", "vae", "text_encoder"):
-        _weights_equal(getattr(pulled, name), getattr(saved, name))
+        assert_same_weights(getattr(pulled, name), getattr(saved, name))
     vae_card, ldm_card = ModelCard.load("org/script-vae"), ModelCard.load("org/script-ldm")
     assert "kl-regularized" in vae_card.data.tags and vae_card.data.pipeline_tag == "image-to-image"
     assert ldm_card.data.base_model == "org/script-vae"  # stage 2 names the Hub autoencoder it was trained on
@@ -148,4 +141,4 @@ def test_a_broken_push_commits_nothing_and_a_retry_completes_it(writable_hub, tm
     assert _repo_files(writable_hub, "org/interrupted") == [".gitattributes"]  # no half-pushed pipeline
     pipe.push_to_hub("org/interrupted")
     _pull_from_olah(writable_hub, tmp_path, monkeypatch)
-    _weights_equal(LDMPipeline.from_pretrained("org/interrupted").unet, pipe.unet)
+    assert_same_weights(LDMPipeline.from_pretrained("org/interrupted").unet, pipe.unet)

@@ -128,7 +128,7 @@ def _component_description(model) -> tuple[str, list[str], str | None, list[tupl
         return (
             f"The denoising UNet eps_theta(z_t, t, context): latents [B, {model.latent_channels}, h, w]"
             + (f" with {model.concat_channels} concatenated conditioning channels" if model.concat_channels else "")
-            + " and a timestep in 0..999 -> predicted noise [B, {model.latent_channels}, h, w].".format(model=model),
+            + f" and a timestep in 0..999 -> predicted noise [B, {model.latent_channels}, h, w].",
             ["unet"], None,  # not runnable on its own: no pipeline tag, so the Hub offers no widget for it
             [("block channels", list(config.block_out_channels)), ("cross-attention width", model.context_dim),
              ("concatenated channels", model.concat_channels)],

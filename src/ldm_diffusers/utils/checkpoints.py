@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 from safetensors import safe_open
@@ -86,13 +87,12 @@ def safe_from_pretrained(loader, pretrained_model_name_or_path, **kwargs):
     """Call ``loader.from_pretrained`` (a class or ``super()``) with safetensors only and checked files."""
     check_model_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
     kwargs.setdefault("use_safetensors", True)
-    try:
-        if _local_folder(pretrained_model_name_or_path) is not None:
-            return loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        from ..hub import hub_download_errors
+    from ..hub import hub_download_errors
 
-        with hub_download_errors(str(pretrained_model_name_or_path), kwargs.get("revision"), kwargs.get("cache_dir"),
-                                 kwargs.get("subfolder")):
+    downloads = nullcontext() if _local_folder(pretrained_model_name_or_path) is not None else hub_download_errors(
+        str(pretrained_model_name_or_path), kwargs.get("revision"), kwargs.get("cache_dir"), kwargs.get("subfolder"))
+    try:
+        with downloads:
             return loader.from_pretrained(pretrained_model_name_or_path, **kwargs)
     except Exception as err:
         if "safetensors" in type(err).__module__ or "deserializ" in str(err).lower():
