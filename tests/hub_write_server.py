@@ -29,6 +29,7 @@ import re
 import subprocess
 import tempfile
 import threading
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -105,7 +106,6 @@ class HubWriteServer:
         self.validated: list[tuple[list[str], list[str]]] = []  # (errors, warnings) of every card validated
         self.tokens: set[str] = set()  # the bearer tokens write requests came with
         self.fail_uploads = 0  # tests set it to refuse that many LFS uploads (an upload broken off mid-push)
-        self._vocabulary = None
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -117,11 +117,9 @@ class HubWriteServer:
         self.server.shutdown()
         self.server.server_close()
 
-    @property
-    def vocabulary(self):
-        if self._vocabulary is None:
-            self._vocabulary = hub_vocabulary()
-        return self._vocabulary
+    @cached_property
+    def vocabulary(self) -> dict[str, set[str]]:
+        return hub_vocabulary()
 
     # -- git -----------------------------------------------------------------------------------------
     def head(self, repo_id: str, branch: str) -> str | None:
@@ -135,12 +133,8 @@ class HubWriteServer:
         """One commit on ``branch`` built with git plumbing in a private index (the work tree is not touched)."""
         repo = self.hub.repo_path(repo_id)
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ, GIT_INDEX_FILE=str(Path(tmp) / "index"), GIT_AUTHOR_NAME="hub",
-                       GIT_AUTHOR_EMAIL="hub@localhost", GIT_COMMITTER_NAME="hub", GIT_COMMITTER_EMAIL="hub@localhost")
-
             def git(*args, data: bytes | None = None) -> str:
-                return subprocess.run(["git", *args], cwd=repo, env=env, input=data, check=True,
-                                      capture_output=True).stdout.decode().strip()
+                return _git(repo, *args, data=data, index=Path(tmp) / "index")
 
             if parent:
                 git("read-tree", parent)

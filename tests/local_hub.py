@@ -28,10 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _git(cwd: Path, *args: str) -> str:
+def _git(cwd: Path, *args: str, data: bytes | None = None, index: Path | None = None) -> str:
+    """``git *args`` in ``cwd`` as a fixed test identity; ``data`` goes to stdin, ``index`` replaces .git/index."""
     env = dict(os.environ, GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost",
                GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@localhost")
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout.strip()
+    if index is not None:
+        env["GIT_INDEX_FILE"] = str(index)
+    return subprocess.run(["git", *args], cwd=cwd, input=data, check=True, capture_output=True,
+                          env=env).stdout.decode().strip()
 
 
 class LocalHub:
