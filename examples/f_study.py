@@ -47,6 +47,8 @@ def parse_args(argv=None):
     run.add_argument("--dataset_name", default="emoji")
     run.add_argument("--train_data_dir", default=None, help="Local imagefolder instead of --dataset_name.")
     run.add_argument("--resolution", type=int, default=64)
+    run.add_argument("--num_validation_images", type=int, default=None,
+                     help="Score against the first N validation images (default: the whole split).")
     run.add_argument("--stage1_steps", type=int, default=1200)
     run.add_argument("--stage1_batch_size", type=int, default=16)
     run.add_argument("--disc_start", type=int, default=None, help="Default: two thirds of --stage1_steps.")
@@ -115,6 +117,8 @@ def save_validation_images(a, work: Path) -> None:
     from ldm_diffusers.training.sample_evaluation import save_samples, to_uint8
 
     _, val = load_image_splits(None if a.train_data_dir else a.dataset_name, None, a.train_data_dir, a.resolution)
+    if a.num_validation_images:
+        val = val.select(range(min(a.num_validation_images, len(val))))
     real = load_pixels(val, a.resolution)
     save_samples(work / "real_validation.npz", to_uint8(real))
 
