@@ -10,11 +10,12 @@ that ``--resume_from_checkpoint latest`` would pick up.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
-from ..utils.checkpoints import publish_directory
+from ..utils.checkpoints import discard_directory, publish_directory, remove_stale_temporaries
 
 STATE_FILE = "training_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -72,7 +73,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: dict, total_limi
         publish_directory(tmp, final)
         if total_limit is not None and total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+                discard_directory(old)
     accelerator.wait_for_everyone()
     return final if accelerator.is_main_process else None
 
@@ -88,21 +89,34 @@ LOG_FILE = "train_log.jsonl"
 
 def resume(accelerator, output_dir: str | Path, resume_from_checkpoint: str | None) -> tuple[int, int, int]:
     """Restore the checkpoint that ``resume_from_checkpoint`` names (``"latest"``, a name or a path), drop
-    the lines of ``train_log.jsonl`` that an interrupted run wrote after it, and return
-    (global_step, epoch, batches_in_epoch); (0, 0, 0) when there is nothing to resume."""
+    the lines of ``train_log.jsonl`` that an interrupted run wrote after it (all of them when the run starts
+    from scratch), and return (global_step, epoch, batches_in_epoch); (0, 0, 0) when there is nothing to resume."""
     output_dir = Path(output_dir)
+    if accelerator.is_main_process:
+        for path in remove_stale_temporaries(output_dir):
+            accelerator.print(f"Removed {path.name}, left by an interrupted write.")
     checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint)
-    if checkpoint is None:
-        if resume_from_checkpoint:
-            accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
-        return 0, 0, 0
-    state = load_checkpoint(accelerator, checkpoint)
-    accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
+    elif resume_from_checkpoint:
+        accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
     log_file = output_dir / LOG_FILE
     if accelerator.is_main_process and log_file.is_file():
-        kept = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= state["global_step"]]
-        log_file.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in log_file.read_text().splitlines() if _logged_step(line) <= state["global_step"]]
+        tmp = log_file.with_name(f".{LOG_FILE}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log_file)  # a kill while rewriting must not lose the log
     return state["global_step"], state["epoch"], state["batches_in_epoch"]
+
+
+def _logged_step(line: str) -> float:
+    """The step of one train_log.jsonl line; a line cut short by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
 
 
 def append_log(output_dir: str | Path, step: int, scalars: dict) -> None:

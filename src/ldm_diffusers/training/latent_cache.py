@@ -10,7 +10,8 @@ are cached too; data augmentation (random crops, flips) is frozen at caching tim
 
 A cache is a ``datasets`` folder ``<cache_dir>/<key>``, where the key hashes everything the cache
 depends on (stage-1 weights, dataset fingerprint, resolution, augmentation, conditioning columns,
-text encoder); it is written atomically and reused by later runs.
+text encoder); it is written atomically, reused by later runs when every file it was written with is
+there with its size, and rebuilt otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.transforms import collate_examples
-from ..utils.checkpoints import atomic_directory, publish_directory
+from ..utils.checkpoints import atomic_directory, discard_directory, publish_directory, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 INFO_FILE = "latent_cache_info.json"
@@ -47,13 +48,19 @@ def cache_key(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or float64 if it is that already (half-precision results are upcast, a float64
+    run stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 @torch.no_grad()
 def encode_latent_moments(vae, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
     """KL: {"latent_mean", "latent_std"}; VQ: {"latents"} (pre-quantisation), all [B, c, h, w] unscaled."""
     out = vae.encode(pixel_values.to(vae.device, vae.dtype))
     if hasattr(out, "latent_dist"):
-        return {"latent_mean": out.latent_dist.mean.float(), "latent_std": out.latent_dist.std.float()}
-    return {"latents": out.latents.float()}
+        return {"latent_mean": at_least_float32(out.latent_dist.mean), "latent_std": at_least_float32(out.latent_dist.std)}
+    return {"latents": at_least_float32(out.latents)}
 
 
 def _feature_for(array: np.ndarray):
@@ -95,10 +102,15 @@ def build_latent_cache(
         )
     key = cache_key(settings)
     path = Path(cache_dir) / key
-    if (path / INFO_FILE).is_file():
-        logger.info("Using the latent cache %s.", path)
-        return _torch_format(load_from_disk(str(path)))
+    if path.exists():
+        problem = cache_problem(path)
+        if problem is None:
+            logger.info("Using the latent cache %s.", path)
+            return _torch_format(load_from_disk(str(path)))
+        logger.warning("The latent cache %s is unusable (%s): rebuilding it.", path, problem)
+        discard_directory(path)
 
+    remove_stale_temporaries(cache_dir)  # folders of builds that were killed half-way
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_examples)
     tensors: dict[str, list[np.ndarray]] = {}
     others: dict[str, list] = {}
@@ -128,10 +140,35 @@ def build_latent_cache(
     cache = Dataset.from_dict(data, features=Features({**features, **_infer(others, features)}))
     tmp = atomic_directory(path)
     cache.save_to_disk(str(tmp))
-    (tmp / INFO_FILE).write_text(json.dumps({"settings": settings, "rows": len(cache)}, indent=2, default=str))
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / INFO_FILE).write_text(json.dumps({"settings": settings, "rows": len(cache), "files": files}, indent=2,
+                                            default=str))
     publish_directory(tmp, path)
     logger.info("Cached %d latents in %s.", len(cache), path)
     return _torch_format(load_from_disk(str(path)))
+
+
+def cache_problem(path: Path) -> str | None:
+    """Why the cache folder ``path`` cannot be trained on (None if it is whole): no info file (it was never
+    finished), a file missing or of another size than when it was written, or rows that do not load."""
+    from datasets import load_from_disk
+
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+        files, rows = info["files"], info["rows"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"no complete {INFO_FILE}: {err}"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    try:
+        found = len(load_from_disk(str(path)))
+    except Exception as err:  # datasets / pyarrow raise many types for damaged folders
+        return f"it does not load ({type(err).__name__}: {err})"
+    return None if found == rows else f"{found} rows, {rows} were written"
 
 
 def _infer(others: dict, features: dict) -> dict:
