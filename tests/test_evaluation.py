@@ -85,6 +85,24 @@ def test_fid_of_sampled_gaussian_features_approaches_the_closed_form():
     assert fid_from_features(x, y) == pytest.approx(closed, rel=0.03)
 
 
+def test_fid_gram_form_equals_the_covariance_form_with_fewer_samples_than_dimensions():
+    import numpy as np
+
+    from ldm_diffusers.evaluation import fid_from_features, frechet_distance
+    from ldm_diffusers.evaluation.fid import feature_statistics
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(0.0, 1.0, size=(40, 64)) @ rng.normal(size=(64, 64))
+    y = rng.normal(0.3, 1.5, size=(25, 64))
+    full = frechet_distance(*feature_statistics(x), *feature_statistics(y))  # D x D eigendecompositions
+    # rel 1e-7: the covariance form takes square roots of the rank-deficient product's zero eigenvalues, which eigh
+    # returns as round-off of about 1e-16 * ||S|| each; sqrt turns each into ~1e-7 * sqrt(||S||) (observed 3e-9 rel)
+    assert fid_from_features(x, y) == pytest.approx(full, rel=1e-7)  # N x M nuclear norm
+    assert fid_from_features(x, x) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="same D"):
+        fid_from_features(x, y[:, :10])
+
+
 def test_precision_recall_on_constructed_sets():
     from ldm_diffusers.evaluation import precision_recall
 

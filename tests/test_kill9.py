@@ -70,12 +70,12 @@ def chaos(ctx, loop, argv, tmp_path, seed, cache=False):
     return ref_out, out, kills
 
 
-def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1_folder, emoji16, tmp_path):
+def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1_folder, emoji16_tiny, tmp_path):
     argv = [
-        "--pretrained_vae_model_name_or_path", str(stage1_folder), "--train_data_dir", str(emoji16),
+        "--pretrained_vae_model_name_or_path", str(stage1_folder), "--train_data_dir", str(emoji16_tiny),
         "--resolution", "16", "--unet_base_channels", "16", "--unet_channel_multipliers", "1", "2",
         "--norm_num_groups", "8", "--attention_head_dim", "8", "--context_dim", "32", "--text_encoder_layers", "1", "--text_encoder_heads", "2",
-        "--max_prompt_length", "8", "--train_batch_size", "2", "--max_train_samples", "6", "--max_train_steps", "12",
+        "--max_prompt_length", "8", "--train_batch_size", "2", "--max_train_samples", "6", "--max_train_steps", "16",
         "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--use_ema", "--cache_latents",
         "--logging_steps", "1", "--seed", "5", "--num_validation_images", "2", "--validation_inference_steps", "2",
         "--validation_steps", "0", "--report_to", "none", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
@@ -84,14 +84,14 @@ def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1_folder, emoji16, t
     ref_out, out, _ = chaos(ctx, "stage2", argv, tmp_path, seed=12, cache=True)
     caches = list((out / "latent_cache").iterdir())
     assert len(caches) == 1 and (caches[0] / "latent_cache_info.json").is_file()  # half-written ones never published
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 13))
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 17))
 
 
-def test_stage1_survives_kill_9(ctx, emoji16, tmp_path):
+def test_stage1_survives_kill_9(ctx, emoji16_tiny, tmp_path):
     argv = [
-        "--train_data_dir", str(emoji16), "--resolution", "16", "--base_channels", "8", "--norm_num_groups", "4",
+        "--train_data_dir", str(emoji16_tiny), "--resolution", "16", "--base_channels", "8", "--norm_num_groups", "4",
         "--disc_channels", "8", "--disc_layers", "2", "--disc_start", "3", "--train_batch_size", "2",
-        "--max_train_samples", "6", "--max_train_steps", "12", "--checkpointing_steps", "1",
+        "--max_train_samples", "6", "--max_train_steps", "16", "--checkpointing_steps", "1",
         "--checkpoints_total_limit", "2", "--use_ema", "--num_validation_images", "2", "--max_eval_samples", "4",
         "--scaling_factor_samples", "4", "--skip_rfid", "--logging_steps", "1", "--seed", "5", "--report_to", "none",
         "--validation_steps", "0",

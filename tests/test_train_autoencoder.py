@@ -123,9 +123,11 @@ def test_gradient_accumulation_matches_the_full_batch(emoji16, tmp_path):
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == [1, 2, 3]
 
 
-def test_perceptual_weight_default_depends_on_the_backbone():
+def test_perceptual_weight_default_depends_on_the_backbone(tmp_path):
     assert parse_args([]).perceptual_weight == 0.05
-    assert parse_args(["--perceptual_loss", "lpips"]).perceptual_weight == 1.0
+    weights = tmp_path / "vgg16-397923af.pth"
+    weights.touch()  # parse_args only checks that the file is there
+    assert parse_args(["--perceptual_loss", "lpips", "--vgg16_weights_path", str(weights)]).perceptual_weight == 1.0
     assert parse_args(["--perceptual_weight", "0.3"]).perceptual_weight == 0.3
 
 

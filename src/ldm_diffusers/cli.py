@@ -12,8 +12,121 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+from pathlib import Path
+
+
+# -- argument types, shared with the training scripts' parsers: a bad value is refused by argparse with a
+# message naming the flag and the allowed values ("argument --steps: must be an integer >= 1, got '0'").
+def int_type(low: int | None = None, high: int | None = None):
+    """An argparse ``type=``: an integer in [low, high]."""
+    if low is not None and high is not None:
+        allowed = f"an integer in {low}..{high}"
+    else:
+        allowed = "an integer" + (f" >= {low}" if low is not None else "") + (f" <= {high}" if high is not None else "")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_type(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """An argparse ``type=``: a finite float in [low, high] (``low_open`` / ``high_open``: excluding that end)."""
+    parts = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
+             f"{'<' if high_open else '<='} {high:g}" if high is not None else ""]
+    allowed = "a finite number" + (" " + " and ".join(p for p in parts if p) if any(parts) else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
+                high is not None and (value >= high if high_open else value > high)):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+positive_int = int_type(1)
+non_negative_int = int_type(0)
+non_negative_float = float_type(0.0)
+positive_float = float_type(0.0, low_open=True)
+probability = float_type(0.0, 1.0)
+beta = float_type(0.0, 1.0, high_open=True)  # Adam's betas
+seed_type = int_type(0, 2**32 - 1)  # numpy's seed range (accelerate.set_seed seeds numpy too)
+
+
+def check_model_path(parser: argparse.ArgumentParser, flag: str, value: str | None) -> None:
+    """``parser.error`` when ``value`` can only mean a local folder (see ``missing_local_folder``) that is not there:
+    a mistyped model folder fails here, naming the flag and the path, before anything loads. Hub ids ("org/name")
+    pass through to the loaders; ``builtin:`` names are checked against the built-in models."""
+    if value is None:
+        return
+    if value.startswith("builtin:"):
+        from .pretrained import MODELS, PREFIX
+
+        if value[len(PREFIX):] not in MODELS:
+            parser.error(f"{flag} {value}: unknown built-in model; built-in models: {', '.join(PREFIX + m for m in MODELS)}.")
+        return
+    from .pipelines.pipeline_ldm import missing_local_folder
+
+    path = Path(value).expanduser()
+    if not path.is_dir() and missing_local_folder(value):
+        what = "a file, not a folder" if path.is_file() else "no such folder"
+        parser.error(f"{flag} {value}: {what}. Pass a saved model folder or a Hub id 'org/name'.")
+
+
+def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-flag checks of ``ldm-diffusers train`` (its parse_args calls them), so that a bad combination fails
+    here and not deep inside a model's constructor after the dataset has loaded: model folders exist, UNet widths
+    divide into groups and heads, the resolution is a multiple of the stage-1 model's f."""
+    for flag in ("pretrained_vae_model_name_or_path", "pretrained_model_name_or_path", "text_encoder_name_or_path",
+                 "tokenizer_name_or_path"):
+        check_model_path(parser, "--" + flag, getattr(args, flag))
+    config = None
+    if args.pretrained_model_name_or_path:
+        config = Path(args.pretrained_model_name_or_path) / "vae" / "config.json"
+    elif args.pretrained_vae_model_name_or_path:
+        config = Path(args.pretrained_vae_model_name_or_path) / "config.json"
+    if config is not None and config.is_file():
+        f = 2 ** (len(json.loads(config.read_text()).get("block_out_channels", [0])) - 1)
+        if args.resolution % f:  # SystemExit with the message, as the training loop's own check of it
+            raise SystemExit(f"--resolution {args.resolution} is not divisible by the autoencoder's f={f} ({config}).")
+    if args.pretrained_model_name_or_path:
+        return  # the UNet and encoders come from the pipeline: their flags are not used
+    levels = len(args.unet_channel_multipliers)
+    widths = [args.unet_base_channels * m for m in args.unet_channel_multipliers]
+    for flag, divisor in (("--norm_num_groups", args.norm_num_groups), ("--attention_head_dim", args.attention_head_dim)):
+        if any(w % divisor for w in widths):
+            parser.error(f"{flag} {divisor} must divide every UNet width (--unet_base_channels x "
+                         f"--unet_channel_multipliers = {widths}).")
+    bad_levels = [level for level in args.unet_attention_levels or [] if level >= levels]
+    if bad_levels:
+        parser.error(f"--unet_attention_levels {bad_levels}: the UNet has levels 0..{levels - 1} "
+                     f"(one per --unet_channel_multipliers value).")
+    if args.conditioning == "text" and args.text_encoder == "transformer" and args.context_dim % args.text_encoder_heads:
+        parser.error(f"--context_dim {args.context_dim} must be divisible by --text_encoder_heads {args.text_encoder_heads}.")
+    if args.conditioning == "layout" and args.context_dim % max(1, args.context_dim // 64):
+        parser.error(f"--context_dim {args.context_dim}: the layout encoder uses context_dim // 64 = "
+                     f"{args.context_dim // 64} attention heads, which must divide it (e.g. 64, 128, 256).")
+    if args.validation_class_labels and args.num_classes:
+        bad = sorted({c for c in args.validation_class_labels if c >= args.num_classes})
+        if bad:
+            parser.error(f"--validation_class_labels {bad}: --num_classes {args.num_classes} allows 0..{args.num_classes - 1}.")
 
 
 def _build_emoji(argv):
@@ -36,11 +149,10 @@ def _train_autoencoder(argv):
     main(argv, prog="ldm-diffusers train-autoencoder")
 
 
-def _generate(argv):
+def generate_parser() -> argparse.ArgumentParser:
     import torch
 
-    from .pipelines import LDMPipeline
-    from .schedulers import SAMPLERS, switch_sampler
+    from .schedulers import SAMPLERS
 
     p = argparse.ArgumentParser(
         prog="ldm-diffusers generate",
@@ -52,21 +164,95 @@ def _generate(argv):
                    help="LDMPipeline folder, Hub id, or a built-in model (the emoji text-to-image LDM that ships "
                         "with the package).")
     p.add_argument("--out", default="samples.png", help="Output PNG (a grid when several images).")
-    p.add_argument("--class_labels", type=int, nargs="+", default=None, help="For class-conditional models.")
+    p.add_argument("--class_labels", type=non_negative_int, nargs="+", default=None, help="For class-conditional models.")
     p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--batch", type=int, default=1, help="Images per prompt (or unconditional images).")
-    p.add_argument("--steps", type=int, default=50, help="Sampler steps.")
-    p.add_argument("--guidance_scale", type=float, default=3.0, help="Classifier-free guidance (1 = off).")
+    p.add_argument("--batch", type=positive_int, default=1, help="Images per prompt (or unconditional images).")
+    p.add_argument("--steps", type=positive_int, default=50, help="Sampler steps.")
+    p.add_argument("--guidance_scale", type=non_negative_float, default=3.0, help="Classifier-free guidance (1 = off).")
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None, help="Default: the model's own.")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta.")
+    p.add_argument("--seed", type=int_type(0, 2**64 - 1), default=0)
+    p.add_argument("--height", type=positive_int, default=None, help="A multiple of the autoencoder's f.")
+    p.add_argument("--width", type=positive_int, default=None, help="A multiple of the autoencoder's f.")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cpu":
+        return text
+    # torch.cuda / torch.xpu have is_available(); mps has it under torch.backends
+    available = getattr(getattr(torch, device.type, None), "is_available", None) or getattr(
+        getattr(torch.backends, device.type, None), "is_available", None)
+    if available is None or not available():
+        raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def parse_generate_args(argv) -> argparse.Namespace:
+    """The ``generate`` flags, checked as far as they can be without loading the model."""
+    p = generate_parser()
     a = p.parse_args(argv)
+    check_model_path(p, "--model", a.model)
+    if a.prompt and a.class_labels is not None:
+        p.error("pass prompts (for a text-to-image model) or --class_labels (for a class-conditional one), not both.")
+    if a.negative_prompt is not None and not a.prompt:
+        p.error("--negative_prompt needs prompts: it is the text-to-image model's unconditional input.")
+    out = Path(a.out)
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        p.error(f"--out {a.out}: unknown image extension {out.suffix!r}; use e.g. .png or .jpg.")
+    if not out.parent.is_dir():
+        p.error(f"--out {a.out}: folder '{out.parent}' does not exist.")
+    return a
+
+
+def check_generate_args(p: argparse.ArgumentParser, a: argparse.Namespace, pipe) -> None:
+    """The flags that depend on the loaded model: sizes against its f, steps against its scheduler, class ids."""
+    f = pipe.vae_scale_factor
+    for flag, value in (("--height", a.height), ("--width", a.width)):
+        if value is not None and value % f:
+            p.error(f"{flag} {value} must be a multiple of the model's autoencoder factor f={f}.")
+    if a.steps > pipe.max_inference_steps():
+        p.error(f"--steps {a.steps}: this model's {type(pipe.scheduler).__name__} takes at most "
+                f"{pipe.max_inference_steps()} steps.")
+    if a.class_labels is not None:
+        if pipe.class_embedder is None:
+            p.error(f"--class_labels needs a class-conditional model; {a.model} has no class_embedder.")
+        known = pipe.class_embedder.config.num_classes
+        bad = sorted({c for c in a.class_labels if c >= known})
+        if bad:
+            p.error(f"--class_labels {' '.join(map(str, bad))}: this model knows class ids 0..{known - 1}.")
+    if a.prompt and pipe.text_encoder is None:
+        p.error(f"prompts need a text-to-image model; {a.model} has no text_encoder.")
+    if not a.prompt and a.class_labels is None:
+        try:
+            pipe.select_mode({})
+        except ValueError as err:
+            p.error(f"{err} (prompts are positional arguments; class ids go to --class_labels)")
+
+
+def _generate(argv):
+    import torch
+
+    from .pipelines import LDMPipeline
+    from .schedulers import switch_sampler
+
+    a = parse_generate_args(argv)
     pipe = LDMPipeline.from_pretrained(a.model).to(a.device)
     if a.scheduler:
         pipe.scheduler = switch_sampler(pipe.scheduler, a.scheduler)
+    check_generate_args(generate_parser(), a, pipe)
     inputs = {}
     if a.prompt:
         inputs = {"prompt": a.prompt, "negative_prompt": None if a.negative_prompt is None else [a.negative_prompt] * len(a.prompt)}

@@ -9,9 +9,27 @@ talk to this interface; each mode lives in its own file.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def shown(value) -> str:
+    """``value`` for an error message: its repr, shortened, with its type where the repr does not show it."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return text if isinstance(value, (int, float, str, type(None))) else f"{text} ({type(value).__name__})"
 
 
 @dataclass
@@ -66,6 +84,11 @@ class ConditioningMode:
     components: tuple[str, ...] = ()
     kind: str = "context"  # "context": cross-attention tokens; "concat": channels concatenated to z_t
     cacheable: bool = True  # False where every step needs a fresh stage-1 encoding (random inpainting masks)
+
+    def check_inputs(self, pipe, values: dict) -> None:
+        """Refuse malformed inputs of this mode, before anything is encoded or sampled, with a ``TypeError`` /
+        ``ValueError`` that names the argument and what it accepts. The pipeline calls it once the mode is chosen
+        (so the mode's components exist); the training loop does not (its inputs come from a dataset)."""
 
     def is_selected(self, values: dict) -> bool:
         """Whether the call's arguments ask for this mode."""

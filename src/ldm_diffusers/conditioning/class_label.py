@@ -7,7 +7,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..hub import ComponentCardMixin
+from ..utils.model_cards import CardDetails, ComponentCardMixin
 from .base import Conditioning, ConditioningMode
 
 
@@ -37,6 +37,13 @@ class ClassEmbedder(ComponentCardMixin, ModelMixin, ConfigMixin):
     def null(self, batch_size: int) -> torch.Tensor:
         return self(torch.full((batch_size,), self.null_class, dtype=torch.long))
 
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this encoder's model card."""
+        config = self.config
+        return ((f"The class-label encoder tau_theta: labels [B] in 0..{config.num_classes - 1} -> tokens "
+                 f"[B, 1, {config.context_dim}] for cross-attention (row {config.num_classes} is the null class)."),
+                ["conditioning", "class-conditional"], None, [("classes", config.num_classes)])
+
 
 class ClassMode(ConditioningMode):
     """``class_labels`` (int, list or tensor [B]) -> one token each; null: the learned null class."""
@@ -51,6 +58,38 @@ class ClassMode(ConditioningMode):
 
     def batch_size(self, values):
         return self._labels(values).shape[0]
+
+    def check_inputs(self, pipe, values):
+        """Integer ids (an int, a list of ints or an integer tensor/array of at most one dimension), at least
+        one, each in 0..num_classes - 1 of the class embedder's config (or num_classes, the null class)."""
+        from .base import is_int, shown
+
+        labels = values["class_labels"]
+        num_classes = pipe.class_embedder.config.num_classes
+        accepted = (f"an int, a list of ints or a 1-d integer tensor of class ids in 0..{num_classes - 1} "
+                    f"(or {num_classes}, the null class)")
+        if isinstance(labels, torch.Tensor) or (hasattr(labels, "dtype") and hasattr(labels, "shape")):
+            try:
+                tensor = torch.as_tensor(labels)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(f"class_labels must be {accepted}, got {shown(labels)}.") from err
+            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                raise TypeError(f"class_labels must be {accepted}, got a {tensor.dtype} tensor.")
+            if tensor.ndim > 1:
+                raise ValueError(f"class_labels must be {accepted}, got shape {tuple(tensor.shape)}.")
+            ids = tensor.reshape(-1).tolist()
+        elif is_int(labels):
+            ids = [labels]
+        elif isinstance(labels, (list, tuple)) and all(is_int(v) for v in labels):
+            ids = list(labels)
+        else:
+            raise TypeError(f"class_labels must be {accepted}, got {shown(labels)}.")
+        if not ids:
+            raise ValueError(f"class_labels is empty: pass at least one class id in 0..{num_classes - 1}.")
+        bad = sorted({int(v) for v in ids if not 0 <= v <= num_classes})
+        if bad:
+            raise ValueError(f"Unknown class id(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} in class_labels: this model "
+                             f"knows 0..{num_classes - 1} (and {num_classes} = the null class).")
 
     def condition(self, pipe, values, latent_size):
         return Conditioning(context=pipe.class_embedder(self._labels(values)))

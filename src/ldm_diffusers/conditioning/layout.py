@@ -15,7 +15,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..hub import ComponentCardMixin
+from ..utils.model_cards import CardDetails, ComponentCardMixin
 from .base import Conditioning, ConditioningMode
 
 Box = tuple[float, float, float, float]
@@ -56,18 +56,24 @@ class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
         classes = torch.full((len(layouts), cfg.max_objects), self.pad_class, dtype=torch.long)
         boxes = torch.zeros(len(layouts), cfg.max_objects, 4)
         for b, layout in enumerate(layouts):
+            if not isinstance(layout, (list, tuple)):
+                raise TypeError(f"A layout is a list of (class_id, (x0, y0, x1, y1)); got {layout!r:.60}.")
             if len(layout) > cfg.max_objects:
                 raise ValueError(f"A layout has {len(layout)} objects; this encoder takes at most {cfg.max_objects}.")
             for i, obj in enumerate(layout):
                 try:
                     class_id, box = obj
                     x0, y0, x1, y1 = (float(v) for v in box)
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"Layout entries are (class_id, (x0, y0, x1, y1)); got {obj!r}.") from err
+                    if isinstance(class_id, bool) or int(class_id) != class_id:
+                        raise TypeError("class ids are integers")
+                except (TypeError, ValueError, OverflowError) as err:
+                    raise ValueError(f"Layout entries are (class_id, (x0, y0, x1, y1)) with an integer class id; "
+                                     f"got {obj!r:.80}.") from err
                 if not 0 <= int(class_id) < cfg.num_classes:
                     raise ValueError(f"Unknown layout class id {class_id}: this model knows 0..{cfg.num_classes - 1}.")
                 if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
-                    raise ValueError(f"Box {box} must satisfy 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1.")
+                    raise ValueError(f"Layout box {tuple(box)} must satisfy 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 "
+                                     "(coordinates are fractions of the width and height, x0 <= x1 and y0 <= y1).")
                 classes[b, i] = int(class_id)
                 boxes[b, i] = torch.tensor([x0, y0, x1, y1])
         bins = (boxes * (cfg.num_bins - 1)).round().long()
@@ -85,6 +91,13 @@ class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
     def null(self, batch_size: int) -> torch.Tensor:
         return self([[] for _ in range(batch_size)])
 
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this encoder's model card."""
+        config = self.config
+        return ((f"The layout encoder tau_theta: up to {config.max_objects} (class, box) pairs -> tokens "
+                 f"[B, L, {config.context_dim}] for cross-attention."),
+                ["conditioning", "layout-to-image"], None, [("object classes", config.num_classes)])
+
 
 def as_layout_batch(layout) -> list:
     """Accept one layout (a list of (class, box)) or a batch of them."""
@@ -100,6 +113,18 @@ class LayoutMode(ConditioningMode):
 
     def batch_size(self, values):
         return len(as_layout_batch(values["layout"]))
+
+    def check_inputs(self, pipe, values):
+        """One layout or a non-empty batch of them; every box inside [0, 1] and not inverted, every class id
+        known to the layout encoder, at most ``max_objects`` objects (the encoder's own checks, run up front)."""
+        layout = values["layout"]
+        if not isinstance(layout, (list, tuple)):
+            raise TypeError(f"layout must be a list of (class_id, (x0, y0, x1, y1)) pairs, or a list of such lists "
+                            f"(a batch); got {layout!r:.60} ({type(layout).__name__}).")
+        if not layout:
+            raise ValueError("layout is an empty list: pass a list of (class_id, (x0, y0, x1, y1)) pairs, or a batch "
+                             "of them ([[]] is one empty layout).")
+        pipe.layout_encoder.tokenize(as_layout_batch(layout))
 
     def condition(self, pipe, values, latent_size):
         return Conditioning(context=pipe.layout_encoder(as_layout_batch(values["layout"])))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
-from .base import Conditioning, ConditioningMode
+from .base import Conditioning, ConditioningMode, shown
 
 _images = VaeImageProcessor(do_resize=False)
 _masks = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
@@ -32,6 +32,75 @@ def mask_tensor(mask) -> torch.Tensor:
     return _masks.preprocess(mask)
 
 
+# (accepted types, value range of tensors, value range of arrays, dimensions of tensors / arrays) per input kind
+_ACCEPTED = {
+    "image": (("a PIL image, a float numpy array [H, W, 3] / [B, H, W, 3] in [0, 1], a float tensor [3, H, W] / "
+               "[B, 3, H, W] in [-1, 1], or a list of one of these"), (-1.0, 1.0), (0.0, 1.0), (3, 4)),
+    "mask": (("a PIL image, a numpy array or tensor [H, W] / [B, H, W] / [B, 1, H, W] in [0, 1] (1 = fill), or a "
+              "list of one of these"), (0.0, 1.0), (0.0, 1.0), (2, 3, 4)),
+    "segmentation": (("a single-channel PIL image ('L', 'P' or 'I'), an integer numpy array or tensor [H, W] / "
+                      "[B, H, W] of class ids, or a list of [H, W] maps"), None, None, (2, 3)),
+}
+
+
+def check_image_input(name: str, image, kind: str = "image") -> None:
+    """Refuse an image-like input of the wrong type, dimension, size or value range (NaN and inf included),
+    naming ``name`` and what it accepts. ``kind``: "image" (RGB in [-1, 1] / [0, 1]), "mask" or "segmentation"
+    (integer class ids; their range is the mode's to check)."""
+    import PIL.Image
+
+    accepted, tensor_range, array_range, dims = _ACCEPTED[kind]
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError(f"{name} is an empty list; pass {accepted}.")
+    if len({type(item) for item in items}) > 1 or not isinstance(items[0], (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name} must be {accepted}; got {shown(image)}.")
+    sizes = set()
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            if kind == "segmentation" and item.mode not in ("L", "P", "I", "I;16", "1"):
+                raise ValueError(f"{name} is a PIL image in mode '{item.mode}'; class ids need a single-channel image "
+                                 "('L', 'P' or 'I').")
+            sizes.add((item.height, item.width))
+            continue
+        values = torch.from_numpy(item) if isinstance(item, np.ndarray) else item
+        if values.ndim not in dims:
+            raise ValueError(f"{name} has shape {tuple(values.shape)}; pass {accepted}.")
+        floating = values.is_floating_point()
+        if values.is_complex() or (kind == "image" and not floating) or (
+                kind == "segmentation" and (floating or values.dtype == torch.bool)):
+            wanted = {"image": "float", "mask": "real", "segmentation": "integer"}[kind]
+            raise TypeError(f"{name} must be {wanted} ({accepted}), got dtype {values.dtype}.")
+        height, width = values.shape[-3:-1] if kind == "image" and isinstance(item, np.ndarray) else values.shape[-2:]
+        if values.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(values.shape)}); pass {accepted}.")
+        sizes.add((int(height), int(width)))
+        if floating and not torch.isfinite(values).all():
+            raise ValueError(f"{name} contains {'NaN' if torch.isnan(values).any() else 'inf'} values; pass {accepted}.")
+        value_range = tensor_range if isinstance(item, torch.Tensor) else array_range
+        if value_range and values.dtype != torch.bool and (values.min() < value_range[0] or values.max() > value_range[1]):
+            raise ValueError(f"{name} holds values in [{values.min().item():.4g}, {values.max().item():.4g}], outside "
+                             f"[{value_range[0]:g}, {value_range[1]:g}]; pass {accepted}.")
+    if len(sizes) > 1:
+        raise ValueError(f"The {name} list mixes sizes {sorted(sizes)}; every entry must have the same size.")
+    if min(min(size) for size in sizes) < 1:
+        raise ValueError(f"{name} is empty (size {sizes.pop()}); pass {accepted}.")
+
+
+def _check_rgb(image) -> torch.Tensor:
+    tensor = image_tensor(image)
+    if tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"image must be RGB: it gives a tensor of shape {tuple(tensor.shape)}, not [B, 3, H, W].")
+    return tensor
+
+
+def _check_divisible(name: str, size, pipe) -> None:
+    f = pipe.vae_scale_factor
+    if size[0] % f or size[1] % f:
+        raise ValueError(f"{name} is {size[0]}x{size[1]}, which fixes the output size; both sides must be divisible by "
+                         f"the autoencoder's factor f={f} (e.g. {size[0] - size[0] % f or f}x{size[1] - size[1] % f or f}).")
+
+
 class SuperResolutionMode(ConditioningMode):
     """``image`` (without ``mask_image``): the low-resolution image, concatenated at the latent size."""
 
@@ -44,6 +113,11 @@ class SuperResolutionMode(ConditioningMode):
 
     def batch_size(self, values):
         return image_tensor(values["image"]).shape[0]
+
+    def check_inputs(self, pipe, values):
+        """An RGB low-resolution image (or batch) of a valid type and range."""
+        check_image_input("image", values["image"])
+        _check_rgb(values["image"])
 
     def output_size(self, pipe, values):
         h, w = image_tensor(values["image"]).shape[-2:]
@@ -79,6 +153,19 @@ class InpaintingMode(ConditioningMode):
 
     def batch_size(self, values):
         return image_tensor(values["image"]).shape[0]
+
+    def check_inputs(self, pipe, values):
+        """An RGB image whose sides are multiples of f, and a mask in [0, 1] of the same size: one, or one per image."""
+        check_image_input("image", values["image"])
+        check_image_input("mask_image", values["mask_image"], "mask")
+        image = _check_rgb(values["image"])
+        _check_divisible("image", tuple(image.shape[-2:]), pipe)
+        mask = mask_tensor(values["mask_image"])
+        if mask.shape[-2:] != image.shape[-2:]:
+            raise ValueError(f"mask_image is {tuple(mask.shape[-2:])} but image is {tuple(image.shape[-2:])}; they must match.")
+        if mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"Got {mask.shape[0]} masks (mask_image) for {image.shape[0]} images (image); pass one mask, "
+                             "or one per image.")
 
     def output_size(self, pipe, values):
         return tuple(image_tensor(values["image"]).shape[-2:])
@@ -141,6 +228,20 @@ class SegmentationMode(ConditioningMode):
     def batch_size(self, values):
         return self._ids(values["segmentation_map"]).shape[0]
 
+    def check_inputs(self, pipe, values):
+        """Integer class ids [H, W] / [B, H, W] in 0..(the UNet's concatenated channels - 1), sides multiples of f."""
+        check_image_input("segmentation_map", values["segmentation_map"], "segmentation")
+        ids = self._ids(values["segmentation_map"])
+        _check_divisible("segmentation_map", tuple(ids.shape[-2:]), pipe)
+        self._check_range(ids, pipe)
+
+    @staticmethod
+    def _check_range(ids, pipe):
+        num_classes = pipe.unet.config.in_channels - pipe.unet.config.out_channels
+        if ids.min() < 0 or ids.max() >= num_classes:
+            raise ValueError(f"segmentation_map holds class ids {ids.min().item()}..{ids.max().item()}; "
+                             f"this model knows 0..{num_classes - 1}.")
+
     def output_size(self, pipe, values):
         return tuple(self._ids(values["segmentation_map"]).shape[-2:])
 
@@ -150,9 +251,7 @@ class SegmentationMode(ConditioningMode):
     def condition(self, pipe, values, latent_size):
         ids = self._ids(values["segmentation_map"])
         num_classes = pipe.unet.config.in_channels - pipe.unet.config.out_channels
-        if ids.min() < 0 or ids.max() >= num_classes:
-            raise ValueError(f"segmentation_map holds class ids {ids.min().item()}..{ids.max().item()}; "
-                             f"this model knows 0..{num_classes - 1}.")
+        self._check_range(ids, pipe)
         one_hot = F.one_hot(ids, num_classes).permute(0, 3, 1, 2).float()
         small = F.interpolate(one_hot, size=latent_size, mode="nearest")
         return Conditioning(concat=small.to(pipe._execution_device))

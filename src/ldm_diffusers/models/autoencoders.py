@@ -24,8 +24,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 
-from ..hub import ComponentCardMixin
 from ..utils.checkpoints import read_config, safe_from_pretrained
+from ..utils.model_cards import CardDetails, ComponentCardMixin, _fmt
 
 MAX_DOWNSAMPLING_LOG2 = 5
 
@@ -72,11 +72,13 @@ class _LDMAutoencoderMixin(ComponentCardMixin):
         layers_per_block: int = 2,
         norm_num_groups: int = 32,
         sample_size: int = 256,
+        scaling_factor: float = 1.0,
         **kwargs,
     ):
         """Build an autoencoder with ``f = downsampling_factor`` (1, 2, 4, 8, 16 or 32): m + 1 resolution
         levels of width ``base_channels * channel_multipliers[i]`` (default multipliers 1, 2, 4, 4, ...).
-        Other keyword arguments go to the constructor (e.g. ``num_vq_embeddings``, ``vq_embed_dim``, ``beta``)."""
+        ``scaling_factor`` 1.0 means "not estimated yet" (:func:`estimate_scaling_factor`). Other keyword
+        arguments go to the constructor (e.g. ``num_vq_embeddings``, ``vq_embed_dim``, ``beta``)."""
         down, up, widths = _block_layout(downsampling_factor, base_channels, channel_multipliers)
         return cls(
             down_block_types=down,
@@ -86,6 +88,7 @@ class _LDMAutoencoderMixin(ComponentCardMixin):
             latent_channels=latent_channels,
             norm_num_groups=norm_num_groups,
             sample_size=sample_size,
+            scaling_factor=scaling_factor,
             **kwargs,
         )
 
@@ -128,57 +131,28 @@ class _LDMAutoencoderMixin(ComponentCardMixin):
                 f"got {tuple(latents.shape)}."
             )
 
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this autoencoder's model card."""
+        kind = "vq" if is_vq_config(self.config) else "kl"
+        rows = [("downsampling factor f", self.downsampling_factor),
+                ("latent channels", self.latent_channels_for_diffusion),
+                ("scaling factor", _fmt(latent_scaling_factor(self), 6))]
+        if kind == "vq":
+            rows.append(("codebook", f"{self.config.num_vq_embeddings} codes"))
+        return ((f"A {'VQ' if kind == 'vq' else 'KL'}-regularised first-stage autoencoder: images [B, 3, H, W] in "
+                 f"[-1, 1] <-> latents [B, {self.latent_channels_for_diffusion}, H/{self.downsampling_factor}, "
+                 f"W/{self.downsampling_factor}]."),
+                ["autoencoder", f"{kind}-regularized"], "image-to-image", rows)
+
 
 class LDMAutoencoderKL(_LDMAutoencoderMixin, AutoencoderKL):
     """KL-regularised autoencoder (diffusers ``AutoencoderKL``) with a configurable factor f.
 
     ``encode(x)`` takes images [B, 3, H, W] in [-1, 1] with H, W divisible by f and returns the
-    diagonal Gaussian posterior over latents [B, latent_channels, H/f, W/f]. The default
-    ``scaling_factor`` of 1.0 means "not estimated yet": call :func:`estimate_scaling_factor`.
+    diagonal Gaussian posterior over latents [B, latent_channels, H/f, W/f]. The constructor is
+    diffusers' own (same config keys and defaults); :meth:`from_downsampling_factor` sets
+    ``scaling_factor`` 1.0, meaning "not estimated yet": call :func:`estimate_scaling_factor`.
     """
-
-    @register_to_config
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",),
-        up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",),
-        block_out_channels: tuple[int, ...] = (64,),
-        layers_per_block: int = 1,
-        act_fn: str = "silu",
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        sample_size: int = 32,
-        scaling_factor: float = 1.0,
-        shift_factor: float | None = None,
-        latents_mean: tuple[float, ...] | None = None,
-        latents_std: tuple[float, ...] | None = None,
-        force_upcast: bool = True,
-        use_quant_conv: bool = True,
-        use_post_quant_conv: bool = True,
-        mid_block_add_attention: bool = True,
-    ):
-        super().__init__(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            down_block_types=down_block_types,
-            up_block_types=up_block_types,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            act_fn=act_fn,
-            latent_channels=latent_channels,
-            norm_num_groups=norm_num_groups,
-            sample_size=sample_size,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            latents_mean=latents_mean,
-            latents_std=latents_std,
-            force_upcast=force_upcast,
-            use_quant_conv=use_quant_conv,
-            use_post_quant_conv=use_post_quant_conv,
-            mid_block_add_attention=mid_block_add_attention,
-        )
 
     @property
     def latent_channels_for_diffusion(self) -> int:
@@ -197,8 +171,9 @@ class LDMAutoencoderKL(_LDMAutoencoderMixin, AutoencoderKL):
         posterior = self.encode(x).latent_dist
         return posterior.sample(generator=generator) if sample_posterior else posterior.mode()
 
-    def forward(self, sample: torch.Tensor, sample_posterior: bool = True, return_dict: bool = True, generator=None):
-        """Encode images [B, C, H, W] in [-1, 1], take a posterior sample (or its mode) and decode.
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True, generator=None):
+        """Encode images [B, C, H, W] in [-1, 1], take the posterior's mode (or, with ``sample_posterior=True``,
+        a sample, as training does) and decode: diffusers' ``AutoencoderKL.forward``, same defaults.
 
         Returns :class:`KLAutoencoderOutput` (``sample`` as in diffusers, plus the ``posterior``
         that the KL term needs); ``return_dict=False`` gives diffusers' ``(sample,)``.
@@ -257,8 +232,10 @@ class LDMVQModel(_LDMAutoencoderMixin, VQModel):
     ``encode(x).latents`` are pre-quantisation latents [B, vq_embed_dim, H/f, W/f]: the diffusion
     model works on them, and ``decode`` quantises before decoding. ``beta`` weighs the commitment
     term (diffusers' legacy quantiser puts it on the codebook term instead; we compute both terms
-    ourselves in :meth:`quantize_latents`). ``scaling_factor`` defaults to 1.0 as in CompVis VQ
-    LDMs, never to Stable Diffusion's 0.18215.
+    ourselves in :meth:`quantize_latents`). The constructor takes diffusers' keys with diffusers' defaults
+    plus ``beta``; :meth:`from_downsampling_factor` sets ``scaling_factor`` 1.0 as in CompVis VQ LDMs, and
+    :func:`latent_scaling_factor` reads a folder saved without the key as 1.0, never as Stable Diffusion's
+    0.18215.
     """
 
     @register_to_config
@@ -276,7 +253,7 @@ class LDMVQModel(_LDMAutoencoderMixin, VQModel):
         num_vq_embeddings: int = 256,
         norm_num_groups: int = 32,
         vq_embed_dim: int | None = None,
-        scaling_factor: float = 1.0,
+        scaling_factor: float = 0.18215,
         norm_type: str = "group",
         mid_block_add_attention: bool = True,
         lookup_from_codebook: bool = False,

@@ -14,13 +14,13 @@ It adds no modules and no config keys, so its folders load in stock ``UNet2DCond
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..hub import ComponentCardMixin
 from ..utils.checkpoints import safe_from_pretrained
+from ..utils.model_cards import CardDetails, ComponentCardMixin
 
 
 def unet_cross_attends(config) -> bool:
@@ -102,22 +102,67 @@ class LDMUNet2DConditionModel(ComponentCardMixin, UNet2DConditionModel):
 
     @property
     def context_dim(self) -> int | None:
-        """Width of the cross-attention tokens, or None for a UNet without cross-attention."""
-        return self.config.cross_attention_dim if unet_cross_attends(self.config) else None
+        """Width of the conditioning tokens ``encoder_hidden_states`` the UNet takes, or None when it takes
+        none (no cross-attention) or when no single width applies (per-block ``cross_attention_dim`` of
+        different widths, or an ``encoder_hid_proj`` that takes something other than tokens)."""
+        config = self.config
+        if not unet_cross_attends(config):
+            return None
+        if self.encoder_hid_proj is not None:
+            return config.encoder_hid_dim if config.encoder_hid_dim_type in ("text_proj", "text_image_proj") else None
+        widths = set(config.cross_attention_dim) if isinstance(config.cross_attention_dim, (list, tuple)) else {
+            config.cross_attention_dim}
+        return widths.pop() if len(widths) == 1 else None
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *args, **kwargs):
-        """``sample`` [B, latent_channels + concat_channels, h, w]; ``encoder_hidden_states`` [B, n, context_dim]
-        (None for a UNet without cross-attention). Returns eps (or v) [B, latent_channels, h, w]."""
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this UNet's model card."""
+        return (
+            f"The denoising UNet eps_theta(z_t, t, context): latents [B, {self.latent_channels}, h, w]"
+            + (f" with {self.concat_channels} concatenated conditioning channels" if self.concat_channels else "")
+            + f" and a timestep in 0..999 -> predicted noise [B, {self.latent_channels}, h, w].",
+            ["unet"], None,  # not runnable on its own: no pipeline tag, so the Hub offers no widget for it
+            [("block channels", list(self.config.block_out_channels)), ("cross-attention width", self.context_dim),
+             ("concatenated channels", self.concat_channels)],
+        )
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        down_block_additional_residuals: tuple[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
+        down_intrablock_additional_residuals: tuple[torch.Tensor] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        """diffusers' ``UNet2DConditionModel.forward`` (same arguments) with input checks first.
+
+        ``sample`` [B, latent_channels + concat_channels, h, w]; ``encoder_hidden_states`` [B, n, context_dim]
+        (may be left out for a UNet without cross-attention). Returns eps (or v) [B, latent_channels, h, w]."""
         if sample.ndim != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"The UNet takes [batch, {self.config.in_channels}, h, w] ({self.latent_channels} latent + "
                 f"{self.concat_channels} concatenated channels), got {tuple(sample.shape)}."
             )
-        if self.context_dim is not None:
+        takes_tokens = self.encoder_hid_proj is None or self.config.encoder_hid_dim_type != "image_proj"
+        if unet_cross_attends(self.config) and takes_tokens:
             if encoder_hidden_states is None:
                 raise ValueError("This UNet cross-attends to conditioning tokens: pass encoder_hidden_states.")
-            if encoder_hidden_states.shape[-1] != self.context_dim:
+            if self.context_dim is not None and encoder_hidden_states.shape[-1] != self.context_dim:
                 raise ValueError(
                     f"Conditioning tokens must be {self.context_dim} wide, got {encoder_hidden_states.shape[-1]}."
                 )
-        return super().forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        return super().forward(
+            sample, timestep, encoder_hidden_states, class_labels=class_labels, timestep_cond=timestep_cond,
+            attention_mask=attention_mask, cross_attention_kwargs=cross_attention_kwargs,
+            added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+            down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+            encoder_attention_mask=encoder_attention_mask, return_dict=return_dict,
+        )

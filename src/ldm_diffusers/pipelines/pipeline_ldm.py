@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -27,9 +28,11 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..conditioning import MODES, Conditioning, ConditioningMode
+from ..conditioning.base import is_int, is_real, shown
 from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
 from ..utils.attention import require_xformers
+from ..utils.checkpoints import check_not_being_written
 
 LIBRARY = "ldm_diffusers"
 # diffusers' own LDM repositories (LDMTextToImagePipeline, e.g. CompVis/ldm-text2im-large-256, and the
@@ -38,6 +41,58 @@ DIFFUSERS_LDM_NAMES = {"vqvae": "vae", "bert": "text_encoder", "tokenizer": "tok
 # Weights are loaded from safetensors only, so pickled files are never downloaded.
 PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.h5"]
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def missing_local_folder(name: str) -> bool:
+    """Whether ``name`` (not an existing folder) can only mean a local path: it is not a valid Hub id
+    ("name" or "org/name"), it exists as a file, or its parent folder exists here (``outputs/ldm`` when
+    ``outputs/`` exists: a mistyped or unsaved model folder, not a Hub repository)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.exists() or (path.parent != Path(".") and path.parent.is_dir()):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+class NonFiniteWatch:
+    """Raises ``FloatingPointError`` naming the sampler step (1-based) and timestep at which the latents first
+    held a NaN or inf (from the UNet, the scheduler step or a callback), instead of a black image at the end.
+
+    One ``isfinite().all()`` reduction per step, which never touches the latents (outputs stay bit-identical).
+    On the CPU the result is read at once (no device queue to stall). On an accelerator reading it every step
+    would be a host sync per step, so ``deferred`` keeps the first bad step in a device tensor and reads it once
+    in :meth:`finish`, after the loop (the remaining steps then run on NaN; nothing is decoded)."""
+
+    def __init__(self, timesteps, deferred: bool):
+        self.timesteps, self.deferred, self.first_bad = timesteps, deferred, None
+
+    def check(self, latents: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(latents).all()
+        if not self.deferred:
+            if not finite:
+                self._raise(step, "NaN" if torch.isnan(latents).any() else "inf")
+        elif self.first_bad is None:
+            self.first_bad = torch.where(finite, -1, step)
+        else:
+            self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+
+    def finish(self) -> None:
+        if self.first_bad is not None and (step := int(self.first_bad.item())) >= 0:
+            self._raise(step, "NaN or inf")
+
+    def _raise(self, step: int, what: str):
+        raise FloatingPointError(
+            f"latents became {what} at step {step + 1} of {len(self.timesteps)} (timestep {int(self.timesteps[step])}): "
+            "the UNet output, the scheduler step or callback_on_step_end produced a non-finite value (check the "
+            "model's weights, the dtype (float16 overflows) and guidance_scale); sampling stopped."
+        )
 
 
 class LDMPipeline(DiffusionPipeline):
@@ -47,6 +102,7 @@ class LDMPipeline(DiffusionPipeline):
     (super-resolution, inpainting, segmentation maps) need no encoder of their own."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents"]
     _optional_components = ["text_encoder", "tokenizer", "class_embedder", "layout_encoder"]
 
     def __init__(
@@ -82,11 +138,18 @@ class LDMPipeline(DiffusionPipeline):
 
             pretrained_model_name_or_path = pretrained_model_path(str(pretrained_model_name_or_path))
         folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir() and missing_local_folder(str(pretrained_model_name_or_path)):
+            raise FileNotFoundError(
+                f"pretrained_model_name_or_path: no pipeline folder at '{pretrained_model_name_or_path}'"
+                f"{' (it is a file)' if folder.is_file() else ''}. Pass a folder saved with save_pretrained "
+                "(with model_index.json), a Hub id 'org/name', or 'builtin:emoji-text-to-image'."
+            )
         if not folder.is_dir():
             from ..hub import download_pipeline
 
             hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
             folder = download_pipeline(str(pretrained_model_name_or_path), PICKLE_PATTERNS, **hub_kwargs)
+        check_not_being_written(folder)
         index_file = folder / "model_index.json"
         if not index_file.is_file():
             raise FileNotFoundError(f"No model_index.json in '{folder}': not a saved pipeline folder.")
@@ -214,6 +277,93 @@ class LDMPipeline(DiffusionPipeline):
                 f"but this UNet {'has no' if cond.context is not None else 'needs'} cross-attention."
             )
 
+    def check_inputs(
+        self, values: dict, height, width, num_inference_steps, guidance_scale, eta, generator, latents,
+        num_images_per_prompt, batch_size, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """Refuse bad arguments before anything is encoded or sampled (as diffusers pipelines'
+        ``check_inputs``), with a ``TypeError`` / ``ValueError`` that names the argument and what it accepts.
+        The conditioning mode checks its own inputs (:meth:`ConditioningMode.check_inputs`); what depends on
+        the batch (generator list, ``latents`` shape) is checked once the batch size is known."""
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value is None:
+                continue
+            if not is_int(value):
+                raise TypeError(f"{name} must be an int (a multiple of the autoencoder's factor f={f}) or None, "
+                                f"got {shown(value)}.")
+            if value < f:
+                raise ValueError(f"{name} must be a positive multiple of the autoencoder's factor f={f}, got {value}.")
+        steps_limit = self.max_inference_steps()
+        if not is_int(num_inference_steps):
+            raise TypeError(f"num_inference_steps must be an int in 1..{steps_limit}, got {shown(num_inference_steps)}.")
+        if not 1 <= num_inference_steps <= steps_limit:
+            raise ValueError(f"num_inference_steps must lie in 1..{steps_limit} (this {type(self.scheduler).__name__} "
+                             f"has {self.scheduler.config.num_train_timesteps} training timesteps), "
+                             f"got {num_inference_steps}.")
+        for name, value, meaning in (
+            ("guidance_scale", guidance_scale, "1 = no guidance, > 1 = classifier-free guidance"),
+            ("eta", eta, "DDIM's noise: 0 = deterministic, 1 = DDPM-like"),
+        ):
+            if not is_real(value):
+                raise TypeError(f"{name} must be a float >= 0 ({meaning}), got {shown(value)}.")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), got {value}.")
+        for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
+            if not is_int(value):
+                raise TypeError(f"{name} must be a positive int, got {shown(value)}.")
+            if value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value}.")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {shown(output_type)}.")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if generator is not None and (not generators or not all(isinstance(g, torch.Generator) for g in generators)):
+            raise TypeError(f"generator must be a torch.Generator, a list of them (one per image) or None, "
+                            f"got {shown(generator)}.")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"latents must be a torch.Tensor [batch, channels, height/f, width/f] or None, "
+                                f"got {shown(latents)}.")
+            if not torch.isfinite(latents).all():
+                raise ValueError(f"latents contain {'NaN' if torch.isnan(latents).any() else 'inf'} values; pass finite "
+                                 "starting noise (or latents=None to draw it from generator).")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict | None, "
+                            f"got {shown(callback_on_step_end)}.")
+        names = callback_on_step_end_tensor_inputs
+        if not isinstance(names, (list, tuple)) or any(k not in self._callback_tensor_inputs for k in names):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must list names from {self._callback_tensor_inputs}, "
+                             f"got {shown(callback_on_step_end_tensor_inputs)}.")
+        if values.get("negative_prompt") is not None and values.get("prompt") is None:
+            raise ValueError("negative_prompt was given without prompt: it is the text-to-image mode's unconditional "
+                             "input; pass prompt too (or drop negative_prompt).")
+
+    def max_inference_steps(self) -> int:
+        """The most sampler steps this scheduler takes: its training timesteps, less one where it offsets the
+        timesteps (DDIM, PLMS index past the table at 1000 of 1000) or ends on t = 0 (DPM-Solver++ gives NaN)."""
+        total = self.scheduler.config.num_train_timesteps
+        return total if type(self.scheduler).__name__ == "DDPMScheduler" else total - 1
+
+    @staticmethod
+    def _check_batch(total: int, generator) -> None:
+        """A generator list needs one generator per image (``latents`` is checked in :meth:`prepare_latents`)."""
+        if isinstance(generator, (list, tuple)) and len(generator) != total:
+            raise ValueError(f"generator is a list of {len(generator)} generators, but the call makes {total} images "
+                             "(batch x num_images_per_prompt); pass one generator per image, or a single one.")
+
+    @staticmethod
+    def _check_finite_conditioning(mode, cond: Conditioning, null: Conditioning | None) -> None:
+        """The encoded condition (and its null version) must be finite: a NaN here would turn every latent NaN."""
+        for which, c in (("", cond), ("the null (unconditional) version of ", null)):
+            for part, tensor in (("cross-attention tokens", None if c is None else c.context),
+                                 ("concatenated channels", None if c is None else c.concat)):
+                if tensor is not None and not torch.isfinite(tensor).all():
+                    bad = "NaN" if torch.isnan(tensor).any() else "inf"
+                    raise ValueError(
+                        f"{which}the encoded `{mode.inputs[0]}` ({part}) contains {bad}: check the input's values and "
+                        f"the weights of {', '.join(mode.components) or 'the autoencoder'}; sampling was not started."
+                    )
+
     # -- sampling -------------------------------------------------------------------------------
     def _eps(self, model_input: torch.Tensor, t, context: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.unet, UNet2DModel):  # diffusers' unconditional LDM UNet takes no context argument
@@ -278,9 +428,12 @@ class LDMPipeline(DiffusionPipeline):
             "prompt": prompt, "negative_prompt": negative_prompt, "class_labels": class_labels, "layout": layout,
             "image": image, "mask_image": mask_image, "segmentation_map": segmentation_map,
         }
+        self.check_inputs(values, height, width, num_inference_steps, guidance_scale, eta, generator, latents,
+                          num_images_per_prompt, batch_size, output_type, callback_on_step_end,
+                          callback_on_step_end_tensor_inputs)
         mode = self.select_mode(values)
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got '{output_type}'.")
+        if mode is not None:
+            mode.check_inputs(self, values)
         height, width = self._check_size(height, width, mode.output_size(self, values) if mode else None)
         f = self.vae_scale_factor
         if mode is None:
@@ -288,6 +441,7 @@ class LDMPipeline(DiffusionPipeline):
         else:
             cond, null = mode.encode(self, values, (height // f, width // f))
             self._check_conditioning(mode, cond)
+            self._check_finite_conditioning(mode, cond, null if guidance_scale > 1.0 else None)
             n = mode.batch_size(values)
         guided = guidance_scale > 1.0
         if guided and null is None:
@@ -297,6 +451,7 @@ class LDMPipeline(DiffusionPipeline):
                 "use guidance_scale=1."
             )
         total = n * num_images_per_prompt
+        self._check_batch(total, generator)
         cond = cond.repeat_interleave(num_images_per_prompt)
         if guided:
             cond = Conditioning.cat([null.repeat_interleave(num_images_per_prompt), cond])
@@ -312,6 +467,7 @@ class LDMPipeline(DiffusionPipeline):
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra["generator"] = generator
 
+        watch = NonFiniteWatch(self.scheduler.timesteps, deferred=latents.device.type != "cpu")
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             eps = self._eps(cond.model_input(model_input), t, cond.context)
@@ -323,6 +479,8 @@ class LDMPipeline(DiffusionPipeline):
                 local = {"latents": latents}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (outputs or {}).get("latents", latents)
+            watch.check(latents, i)  # a NaN/inf in z_t is reported with the step where it appeared
+        watch.finish()
 
         if output_type == "latent":
             images = latents

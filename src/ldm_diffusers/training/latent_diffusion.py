@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from ..conditioning import MODES, Conditioning, TrainingColumns
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
 from .checkpointing import StopRequest, append_log, resume, save_checkpoint
+from .latent_cache import at_least_float32, encode_latent_moments
 from .sample_evaluation import fixed_validation_inputs
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,18 @@ SCHEDULE_FOR_MODE = {"text": "text", "class": "class"}  # every other mode: the 
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from ..cli import (
+        LR_SCHEDULERS,
+        beta,
+        int_type,
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+        probability,
+        seed_type,
+    )
+
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a latent diffusion model (UNet + conditioning encoder) in the latent space of a "
@@ -63,23 +76,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    "transformers encoder (--text_encoder_name_or_path, default the offline MiniLM).")
     g.add_argument("--text_encoder_name_or_path", default=None, help="Frozen text encoder folder (default MiniLM).")
     g.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer (default: BERT WordPiece from MiniLM).")
-    g.add_argument("--context_dim", type=int, default=256, help="Token width of the trained encoders.")
-    g.add_argument("--text_encoder_layers", type=int, default=4)
-    g.add_argument("--text_encoder_heads", type=int, default=4)
-    g.add_argument("--max_prompt_length", type=int, default=77, help="Tokens per prompt (CompVis: 77).")
-    g.add_argument("--num_classes", type=int, default=None, help="Class count (default: from the dataset).")
-    g.add_argument("--num_segmentation_classes", type=int, default=None,
+    g.add_argument("--context_dim", type=positive_int, default=256, help="Token width of the trained encoders.")
+    g.add_argument("--text_encoder_layers", type=positive_int, default=4)
+    g.add_argument("--text_encoder_heads", type=positive_int, default=4)
+    g.add_argument("--max_prompt_length", type=int_type(3, 512), default=77, help="Tokens per prompt (CompVis: 77).")
+    g.add_argument("--num_classes", type=positive_int, default=None, help="Class count (default: from the dataset).")
+    g.add_argument("--num_segmentation_classes", type=positive_int, default=None,
                    help="Classes of the semantic maps, background included (default: from emoji-scenes).")
-    g.add_argument("--max_objects", type=int, default=8, help="Layout encoder: objects per layout.")
-    g.add_argument("--layout_encoder_layers", type=int, default=2)
-    g.add_argument("--unet_base_channels", type=int, default=64)
-    g.add_argument("--unet_channel_multipliers", type=int, nargs="+", default=[1, 2, 2])
-    g.add_argument("--unet_attention_levels", type=int, nargs="*", default=None,
+    g.add_argument("--max_objects", type=positive_int, default=8, help="Layout encoder: objects per layout.")
+    g.add_argument("--layout_encoder_layers", type=positive_int, default=2)
+    g.add_argument("--unet_base_channels", type=positive_int, default=64)
+    g.add_argument("--unet_channel_multipliers", type=positive_int, nargs="+", default=[1, 2, 2])
+    g.add_argument("--unet_attention_levels", type=non_negative_int, nargs="*", default=None,
                    help="Levels with transformer blocks (default: all but the first).")
-    g.add_argument("--unet_layers_per_block", type=int, default=1)
-    g.add_argument("--attention_head_dim", type=int, default=32)
-    g.add_argument("--transformer_depth", type=int, default=1)
-    g.add_argument("--norm_num_groups", type=int, default=32)
+    g.add_argument("--unet_layers_per_block", type=positive_int, default=1)
+    g.add_argument("--attention_head_dim", type=positive_int, default=32)
+    g.add_argument("--transformer_depth", type=positive_int, default=1)
+    g.add_argument("--norm_num_groups", type=positive_int, default=32)
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
@@ -92,11 +105,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--class_column", default=None, help="Default: 'label', else 'group_id' (emoji).")
     g.add_argument("--layout_column", default="layout")
     g.add_argument("--segmentation_column", default="segmentation")
-    g.add_argument("--resolution", type=int, default=64)
+    g.add_argument("--resolution", type=positive_int, default=64)
     g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--max_train_samples", type=positive_int, default=None)
+    g.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
     g.add_argument("--cache_latents", action="store_true",
                    help="Encode the dataset once with the frozen stage-1 encoder (and frozen text encoder).")
     g.add_argument("--latent_cache_dir", default=None, help="Default: <output_dir>/latent_cache.")
@@ -105,60 +118,60 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("diffusion")
     g.add_argument("--noise_schedule", choices=["text", "class", "unconditional"], default=None,
                    help="Beta preset (default: text for text, class for class, else unconditional).")
-    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--num_train_timesteps", type=int_type(2), default=1000)
     g.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")
     g.add_argument("--conditioning_dropout_prob", "--proportion_empty_prompts", type=float, default=None,
                    help="Probability of training on the null condition (CFG); default 0.1 where the mode has one.")
-    g.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is typical).")
-    g.add_argument("--noise_offset", type=float, default=0.0)
-    g.add_argument("--input_perturbation", type=float, default=0.0)
+    g.add_argument("--snr_gamma", type=positive_float, default=None, help="Min-SNR weighting gamma (5.0 is typical).")
+    g.add_argument("--noise_offset", type=non_negative_float, default=0.0)
+    g.add_argument("--input_perturbation", type=non_negative_float, default=0.0)
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=16, help="Per-device batch size.")
-    g.add_argument("--num_train_epochs", type=int, default=None, help="Overrides --max_train_steps.")
-    g.add_argument("--max_train_steps", type=int, default=2000)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--train_batch_size", type=positive_int, default=16, help="Per-device batch size.")
+    g.add_argument("--num_train_epochs", type=positive_int, default=None, help="Overrides --max_train_steps.")
+    g.add_argument("--max_train_steps", type=positive_int, default=2000)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--learning_rate", type=positive_float, default=1e-4)
     g.add_argument("--scale_lr", action="store_true", help="Multiply by batch x accumulation x processes.")
-    g.add_argument("--lr_scheduler", default="constant_with_warmup",
-                   help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial")
-    g.add_argument("--lr_warmup_steps", type=int, default=100)
+    g.add_argument("--lr_scheduler", default="constant_with_warmup", choices=LR_SCHEDULERS,
+                   help="diffusers' learning-rate schedule.")
+    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=100)
     g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (CUDA).")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--adam_beta1", type=beta, default=0.9)
+    g.add_argument("--adam_beta2", type=beta, default=0.999)
+    g.add_argument("--adam_weight_decay", type=non_negative_float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=positive_float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
     g.add_argument("--use_ema", action="store_true", help="EMA of the UNet; the saved pipeline uses it.")
-    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--ema_decay", type=probability, default=0.9999)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA); PyTorch SDPA is the default.")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_type, default=0)
 
     g = p.add_argument_group("output, checkpoints, validation")
     g.add_argument("--output_dir", default="outputs/ldm")
     g.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir.")
     g.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'.")
     g.add_argument("--tracker_project_name", default="train_latent_diffusion")
-    g.add_argument("--logging_steps", type=int, default=10)
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=3)
+    g.add_argument("--logging_steps", type=positive_int, default=10)
+    g.add_argument("--checkpointing_steps", type=positive_int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    g.add_argument("--validation_steps", type=int, default=500, help="Sample a validation grid every N steps.")
-    g.add_argument("--validation_epochs", type=int, default=None, help="Also validate every N epochs.")
+    g.add_argument("--validation_steps", type=non_negative_int, default=500, help="Sample a validation grid every N steps.")
+    g.add_argument("--validation_epochs", type=positive_int, default=None, help="Also validate every N epochs.")
     g.add_argument("--validation_prompts", nargs="+", default=None, help="Default: validation captions.")
-    g.add_argument("--validation_class_labels", type=int, nargs="+", default=None)
-    g.add_argument("--num_validation_images", type=int, default=8)
-    g.add_argument("--validation_inference_steps", type=int, default=50)
-    g.add_argument("--validation_guidance_scale", type=float, default=3.0, help="Used where the mode has a null input.")
-    g.add_argument("--evaluation_steps", type=int, default=0,
+    g.add_argument("--validation_class_labels", type=non_negative_int, nargs="+", default=None)
+    g.add_argument("--num_validation_images", type=positive_int, default=8)
+    g.add_argument("--validation_inference_steps", type=int_type(1, 999), default=50)
+    g.add_argument("--validation_guidance_scale", type=non_negative_float, default=3.0, help="Used where the mode has a null input.")
+    g.add_argument("--evaluation_steps", type=non_negative_int, default=0,
                    help="Every N steps (and at the end) sample one image per validation row with the EMA weights, save them "
                         "to eval_samples/step-N.npz and, if the FID network is installed, log FID / precision / recall.")
-    g.add_argument("--evaluation_num_images", type=int, default=None, help="Default: the whole validation split.")
-    g.add_argument("--evaluation_batch_size", type=int, default=64)
+    g.add_argument("--evaluation_num_images", type=positive_int, default=None, help="Default: the whole validation split.")
+    g.add_argument("--evaluation_batch_size", type=positive_int, default=64)
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
@@ -167,6 +180,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    from ..cli import check_train_args
+
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if not (args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path):
@@ -189,7 +204,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.cache_latents and mode is not None and not mode.cacheable:
         parser.error(f"--cache_latents cannot serve --conditioning {args.conditioning}: its random masks need a "
                      "fresh stage-1 encoding every step.")
+    check_train_args(parser, args)
     return args
+
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -629,8 +646,6 @@ def diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_
     if "latent_mean" in batch or "latents" in batch:
         moments = {k: batch[k] for k in ("latent_mean", "latent_std", "latents") if k in batch}
     else:
-        from .latent_cache import encode_latent_moments
-
         moments = encode_latent_moments(vae, batch["pixel_values"])
     base = moments.get("latents", moments.get("latent_mean"))
     draws = draw_noise(gens, tuple(base.shape[1:]), noise_scheduler.config.num_train_timesteps,
@@ -638,10 +653,10 @@ def diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_
     draws = {name: value.to(device) for name, value in draws.items()}
     t, drop = draws["t"], draws["drop"]
     if "latents" in moments:
-        z0 = moments["latents"].to(device).float() * scale
+        z0 = at_least_float32(moments["latents"].to(device)) * scale
     else:  # a sample of the KL posterior, as CompVis' get_first_stage_encoding
-        z0 = (moments["latent_mean"].to(device).float()
-              + moments["latent_std"].to(device).float() * draws["posterior"]) * scale
+        z0 = (at_least_float32(moments["latent_mean"].to(device))
+              + at_least_float32(moments["latent_std"].to(device)) * draws["posterior"]) * scale
     noise = draws["noise"] + args.noise_offset * draws["offset"]
     noisy = noise_scheduler.add_noise(z0, noise + args.input_perturbation * draws["perturbation"], t)
     target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
@@ -657,7 +672,7 @@ def diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_
         values = mode.drop(raw.components(), values, drop)
     with accelerator.autocast():
         pred = denoiser(noisy, t, values, conditioning)
-    pred, target = pred.float(), target.float()
+    pred, target = at_least_float32(pred), at_least_float32(target)
     if args.snr_gamma is None:
         return F.mse_loss(pred, target)
     snr = compute_snr(noise_scheduler, t)

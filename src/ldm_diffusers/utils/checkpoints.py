@@ -15,6 +15,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .hub_errors import hub_download_errors
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -33,8 +35,6 @@ def read_config(path, subfolder=None) -> dict:
     folder = _local_folder(path, subfolder)
     if folder is None:
         from huggingface_hub import hf_hub_download
-
-        from ..hub import hub_download_errors
 
         with hub_download_errors(str(path), subfolder=subfolder):
             return json.loads(Path(hf_hub_download(str(path), "config.json", subfolder=subfolder)).read_text())
@@ -66,6 +66,7 @@ def check_model_folder(path, subfolder=None) -> None:
         return
     if not folder.is_dir():
         raise CheckpointError(f"'{folder}' does not exist; check the path and `subfolder=`.")
+    check_not_being_written(folder)
     read_config(path, subfolder)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
@@ -87,8 +88,6 @@ def safe_from_pretrained(loader, pretrained_model_name_or_path, **kwargs):
     """Call ``loader.from_pretrained`` (a class or ``super()``) with safetensors only and checked files."""
     check_model_folder(pretrained_model_name_or_path, kwargs.get("subfolder"))
     kwargs.setdefault("use_safetensors", True)
-    from ..hub import hub_download_errors
-
     downloads = nullcontext() if _local_folder(pretrained_model_name_or_path) is not None else hub_download_errors(
         str(pretrained_model_name_or_path), kwargs.get("revision"), kwargs.get("cache_dir"), kwargs.get("subfolder"))
     try:
@@ -112,7 +111,8 @@ def atomic_directory(final_dir: str | os.PathLike) -> Path:
 
 
 def publish_directory(tmp_dir: Path, final_dir: str | os.PathLike) -> None:
-    """Move a fully written folder into place; an older folder of the same name is replaced whole."""
+    """Move a fully written folder into place; an older folder of the same name is replaced whole (a kill
+    between the two renames leaves no folder of that name, never a mix of old and new files)."""
     final_dir = Path(final_dir)
     for file in tmp_dir.rglob("*"):
         if file.is_file():
@@ -127,11 +127,28 @@ def publish_directory(tmp_dir: Path, final_dir: str | os.PathLike) -> None:
         os.replace(tmp_dir, final_dir)
 
 
+def discard_directory(path: str | os.PathLike) -> None:
+    """Delete a folder so that no half-deleted copy is ever seen under its name: rename it away first."""
+    path = Path(path)
+    trash = path.parent / f".{path.name}.trash-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+PUBLISHING_MARKER = ".incomplete-save"
+
+
 def publish_into(tmp_dir: Path, output_dir: str | os.PathLike) -> None:
     """Move every entry of a fully written ``tmp_dir`` into ``output_dir`` (files with ``os.replace``,
-    folders with :func:`publish_directory`), leaving other entries of ``output_dir`` alone."""
+    folders with :func:`publish_directory`), leaving other entries of ``output_dir`` alone.
+
+    Several renames cannot be one atomic step, so ``output_dir`` carries :data:`PUBLISHING_MARKER` while they
+    happen: a process killed half-way leaves a folder that the loaders refuse (:func:`check_not_being_written`)
+    until a later save, e.g. the one ``--resume_from_checkpoint latest`` ends with, completes it."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    marker = output_dir / PUBLISHING_MARKER
+    marker.write_text(f"being replaced by {Path(tmp_dir).name}\n")
     for entry in sorted(Path(tmp_dir).iterdir()):
         if entry.is_dir():
             publish_directory(entry, output_dir / entry.name)
@@ -140,3 +157,26 @@ def publish_into(tmp_dir: Path, output_dir: str | os.PathLike) -> None:
                 os.fsync(handle.fileno())
             os.replace(entry, output_dir / entry.name)
     Path(tmp_dir).rmdir()
+    marker.unlink()
+
+
+def check_not_being_written(path: str | os.PathLike) -> None:
+    """Refuse a local model folder (or a component folder inside one) whose save was interrupted."""
+    folder = Path(path)
+    for candidate in (folder, folder.parent):
+        if (candidate / PUBLISHING_MARKER).exists():
+            raise CheckpointError(
+                f"'{candidate}' was being saved when the process writing it stopped ({PUBLISHING_MARKER} is still "
+                "there), so its files may mix two versions. If a training run wrote it, run the same command again "
+                "with --resume_from_checkpoint latest: it saves the model again. Otherwise save it again."
+            )
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporary folders (``.name.tmp-*``, ``.name.old-*``, ``.name.trash-*``) that a killed
+    writer left in ``folder``; they are never read, only wasted space. Returns what was removed."""
+    folder = Path(folder)
+    stale = [p for pattern in (".*.tmp-*", ".*.old-*", ".*.trash-*") for p in folder.glob(pattern)] if folder.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return stale
