@@ -265,7 +265,7 @@ def test_sharded_and_variant_checkpoints_load_both_ways(kind, tmp_path):
 def test_lora_adapters_work_as_on_the_parent(kind, images, tmp_path):
     """PEFT adapters (diffusers' ``add_adapter`` / ``save_lora_adapter`` / ``load_lora_adapter``); VQModel has no
     adapter support in diffusers, so neither does ours."""
-    peft = pytest.importorskip("peft", reason="LoRA needs peft (in the test extra: pip install -e .[test])")
+    import peft
     stock_cls, our_cls, config = CASES[kind]
     stock, ours = pair(stock_cls, our_cls, config)
     targets = ["to_q", "to_k", "to_v"] if kind == "unet" else ["conv1", "conv2"]

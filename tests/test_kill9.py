@@ -99,3 +99,55 @@ def test_stage1_survives_kill_9(ctx, emoji16_tiny, tmp_path):
     ref_out, out, _ = chaos(ctx, "stage1", argv, tmp_path, seed=7)
     assert json.loads((ref_out / "config.json").read_text())["scaling_factor"] == \
         json.loads((out / "config.json").read_text())["scaling_factor"]
+
+
+def test_a_damaged_latent_cache_is_rebuilt_not_trained_on(tmp_path, caplog):
+    """A cache folder that lost bytes (a disk filled up, a copy cut short) is found out by the sizes its info file
+    recorded and rebuilt with the same contents; a build killed half-way never had a name to be found by."""
+    from conftest import tiny_kl
+
+    from ldm_diffusers.training.latent_cache import INFO_FILE, build_latent_cache, cache_problem
+
+    rows = [{"pixel_values": torch.rand(3, 16, 16) * 2 - 1, "index": i} for i in range(6)]
+    vae = tiny_kl(4).eval()
+    settings = {"test": "damaged cache"}
+    first = build_latent_cache(rows, vae, None, None, tmp_path, settings, batch_size=4, show_progress=False)
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert cache_problem(folder) is None
+    expected = first[:]["latent_mean"].clone()
+    arrow = max(folder.rglob("*.arrow"), key=lambda p: p.stat().st_size)
+    whole = arrow.read_bytes()
+    arrow.write_bytes(whole[: len(whole) // 2])
+    assert "bytes" in cache_problem(folder)
+    with caplog.at_level("WARNING"):
+        rebuilt = build_latent_cache(rows, vae, None, None, tmp_path, settings, batch_size=4, show_progress=False)
+    assert "unusable" in caplog.text and "rebuilding" in caplog.text
+    assert cache_problem(folder) is None and arrow.read_bytes() == whole
+    assert torch.equal(rebuilt[:]["latent_mean"], expected)
+    (folder / INFO_FILE).unlink()  # as a build killed before its last write would leave it, had it been published
+    assert "no complete" in cache_problem(folder)
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left
+
+
+def test_a_folder_whose_save_was_interrupted_is_refused(tmp_path):
+    """publish_into marks the folder while it moves files in; a kill half-way leaves the mark, and every loader
+    refuses the folder, saying how to finish it, until a save completes."""
+    from conftest import tiny_kl
+
+    from ldm_diffusers import LDMAutoencoderKL
+    from ldm_diffusers.utils.checkpoints import PUBLISHING_MARKER, CheckpointError, atomic_directory, publish_into
+
+    out = tmp_path / "model"
+    tmp = atomic_directory(out)
+    tiny_kl(4).save_pretrained(tmp)
+    publish_into(tmp, out)
+    assert not (out / PUBLISHING_MARKER).exists()
+    LDMAutoencoderKL.from_pretrained(out)
+    (out / PUBLISHING_MARKER).write_text("being replaced\n")  # what a kill during the moves leaves
+    for load in (lambda: LDMAutoencoderKL.from_pretrained(out), lambda: LDMAutoencoderKL.from_pretrained(tmp_path, subfolder="model")):
+        with pytest.raises(CheckpointError, match="was being saved.*--resume_from_checkpoint latest"):
+            load()
+    tmp = atomic_directory(out)
+    tiny_kl(4).save_pretrained(tmp)
+    publish_into(tmp, out)  # the next complete save clears it
+    LDMAutoencoderKL.from_pretrained(out)

@@ -23,7 +23,14 @@ _masks = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True
 
 
 def image_tensor(image) -> torch.Tensor:
-    """PIL image(s), numpy array(s) in [0, 1] or a tensor in [-1, 1] -> [B, 3, H, W] in [-1, 1]."""
+    """PIL image(s), numpy array(s) in [0, 1] or a tensor in [-1, 1] -> [B, 3, H, W] in [-1, 1].
+
+    Tensors are taken as they are: diffusers' processor would guess their range from the minimum (and warns
+    that [-1, 1] tensors are deprecated there), which misreads a [-1, 1] image without negative values."""
+    if isinstance(image, (list, tuple)) and image and isinstance(image[0], torch.Tensor):
+        image = torch.cat([t if t.ndim == 4 else t[None] for t in image])
+    if isinstance(image, torch.Tensor):
+        return (image if image.ndim == 4 else image[None]).float()
     return _images.preprocess(image)
 
 

@@ -6,6 +6,7 @@ Numbers computed with it are labelled "FID (TF-Inception weights from fid-helper
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,11 @@ class InceptionFeatureExtractor(nn.Module):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        self.net = torch.jit.load(str(weights_path or inception_weights_path()), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # The TF-Inception weights exist only as the TorchScript file the wheel ships; torch deprecates
+            # torch.jit.load in favour of torch.export, which cannot read it.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
+            self.net = torch.jit.load(str(weights_path or inception_weights_path()), map_location="cpu").eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
 
