@@ -60,9 +60,15 @@ def _child(loop: str, argv: list[str], log: str, out: str, during: str | None, n
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    import threading
+
     import torch
+    from tqdm import tqdm
 
     torch.set_num_threads(1)
+    # tqdm's default lock is a multiprocessing one (a named semaphore): a killed child would leak it and the
+    # resource tracker would warn at exit. One process, one thread: a thread lock does.
+    tqdm.set_lock(threading.RLock())
     if during is not None:
         count = [0]
         out = os.path.realpath(out)

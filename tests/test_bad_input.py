@@ -30,7 +30,8 @@ from PIL import Image
 from test_pipeline import concat_pipe, make_pipe, tiny_unet
 
 from ldm_diffusers import LayoutEncoder, LDMPipeline, ldm_scheduler, switch_sampler
-from ldm_diffusers.cli import LR_SCHEDULERS, parse_generate_args
+from ldm_diffusers.cli import parse_generate_args
+from ldm_diffusers.utils.arguments import LR_SCHEDULERS
 from ldm_diffusers.cli import main as cli_main
 from ldm_diffusers.pipelines.pipeline_ldm import NonFiniteWatch
 from ldm_diffusers.schedulers import SAMPLERS

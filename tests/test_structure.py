@@ -1,4 +1,5 @@
-"""The package's layering: the Hub layer (``ldm_diffusers.hub``) stands above the models, never below them."""
+"""The package's layering: the Hub layer (``ldm_diffusers.hub``) stands above the models and the command line
+(``ldm_diffusers.cli``) above the training scripts, never below them."""
 
 import os
 import subprocess
@@ -8,9 +9,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_models_conditioning_and_checkpoints_do_not_import_the_hub_layer():
+def test_lower_layers_do_not_import_the_layers_above():
     code = ("import sys, ldm_diffusers.models, ldm_diffusers.conditioning, ldm_diffusers.utils.checkpoints; "
-            "assert 'ldm_diffusers.hub' not in sys.modules, 'ldm_diffusers.hub was imported'")
+            "assert 'ldm_diffusers.hub' not in sys.modules, 'ldm_diffusers.hub was imported'; "
+            "from ldm_diffusers.training import autoencoder, latent_diffusion; "
+            "autoencoder.parse_args([]); latent_diffusion.build_parser(); "
+            "assert 'ldm_diffusers.cli' not in sys.modules, 'ldm_diffusers.cli was imported'")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
                             timeout=300)

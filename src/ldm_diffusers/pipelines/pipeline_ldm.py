@@ -32,7 +32,7 @@ from ..conditioning.base import is_int, is_real, shown
 from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
 from ..utils.attention import require_xformers
-from ..utils.checkpoints import check_not_being_written
+from ..utils.checkpoints import check_not_being_written, missing_local_folder
 
 LIBRARY = "ldm_diffusers"
 # diffusers' own LDM repositories (LDMTextToImagePipeline, e.g. CompVis/ldm-text2im-large-256, and the
@@ -42,23 +42,6 @@ DIFFUSERS_LDM_NAMES = {"vqvae": "vae", "bert": "text_encoder", "tokenizer": "tok
 PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.h5"]
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-def missing_local_folder(name: str) -> bool:
-    """Whether ``name`` (not an existing folder) can only mean a local path: it is not a valid Hub id
-    ("name" or "org/name"), it exists as a file, or its parent folder exists here (``outputs/ldm`` when
-    ``outputs/`` exists: a mistyped or unsaved model folder, not a Hub repository)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    path = Path(name).expanduser()
-    if path.exists() or (path.parent != Path(".") and path.parent.is_dir()):
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return True
-    return False
 
 
 class NonFiniteWatch:

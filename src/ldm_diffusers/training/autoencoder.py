@@ -20,25 +20,25 @@ from tqdm.auto import tqdm
 from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
 from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
 from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
+from ..utils.arguments import (
+    LR_SCHEDULERS,
+    beta,
+    check_model_path,
+    float_type,
+    int_type,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed_type,
+)
 from .checkpointing import StopRequest, append_log, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from ..cli import (
-        LR_SCHEDULERS,
-        beta,
-        float_type,
-        int_type,
-        non_negative_float,
-        non_negative_int,
-        positive_float,
-        positive_int,
-        probability,
-        seed_type,
-    )
-
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a Latent Diffusion stage-1 autoencoder (KL- or VQ-regularised) with L1 + perceptual + "
@@ -133,8 +133,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    from ..cli import check_model_path
-
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     check_model_path(parser, "--pretrained_model_name_or_path", args.pretrained_model_name_or_path)

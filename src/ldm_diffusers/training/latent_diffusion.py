@@ -34,6 +34,18 @@ from tqdm.auto import tqdm
 
 from ..conditioning import MODES, Conditioning, TrainingColumns
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
+from ..utils.arguments import (
+    LR_SCHEDULERS,
+    beta,
+    check_model_path,
+    int_type,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    seed_type,
+)
 from .checkpointing import StopRequest, append_log, resume, save_checkpoint
 from .latent_cache import at_least_float32, encode_latent_moments
 from .sample_evaluation import fixed_validation_inputs
@@ -46,18 +58,6 @@ SCHEDULE_FOR_MODE = {"text": "text", "class": "class"}  # every other mode: the 
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from ..cli import (
-        LR_SCHEDULERS,
-        beta,
-        int_type,
-        non_negative_float,
-        non_negative_int,
-        positive_float,
-        positive_int,
-        probability,
-        seed_type,
-    )
-
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a latent diffusion model (UNet + conditioning encoder) in the latent space of a "
@@ -180,7 +180,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    from ..cli import check_train_args
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -207,6 +206,44 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     check_train_args(parser, args)
     return args
 
+
+def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-flag checks of ``ldm-diffusers train`` (its parse_args calls them), so that a bad combination fails
+    here and not deep inside a model's constructor after the dataset has loaded: model folders exist, UNet widths
+    divide into groups and heads, the resolution is a multiple of the stage-1 model's f."""
+    for flag in ("pretrained_vae_model_name_or_path", "pretrained_model_name_or_path", "text_encoder_name_or_path",
+                 "tokenizer_name_or_path"):
+        check_model_path(parser, "--" + flag, getattr(args, flag))
+    config = None
+    if args.pretrained_model_name_or_path:
+        config = Path(args.pretrained_model_name_or_path) / "vae" / "config.json"
+    elif args.pretrained_vae_model_name_or_path:
+        config = Path(args.pretrained_vae_model_name_or_path) / "config.json"
+    if config is not None and config.is_file():
+        f = 2 ** (len(json.loads(config.read_text()).get("block_out_channels", [0])) - 1)
+        if args.resolution % f:  # SystemExit with the message, as the training loop's own check of it
+            raise SystemExit(f"--resolution {args.resolution} is not divisible by the autoencoder's f={f} ({config}).")
+    if args.pretrained_model_name_or_path:
+        return  # the UNet and encoders come from the pipeline: their flags are not used
+    levels = len(args.unet_channel_multipliers)
+    widths = [args.unet_base_channels * m for m in args.unet_channel_multipliers]
+    for flag, divisor in (("--norm_num_groups", args.norm_num_groups), ("--attention_head_dim", args.attention_head_dim)):
+        if any(w % divisor for w in widths):
+            parser.error(f"{flag} {divisor} must divide every UNet width (--unet_base_channels x "
+                         f"--unet_channel_multipliers = {widths}).")
+    bad_levels = [level for level in args.unet_attention_levels or [] if level >= levels]
+    if bad_levels:
+        parser.error(f"--unet_attention_levels {bad_levels}: the UNet has levels 0..{levels - 1} "
+                     f"(one per --unet_channel_multipliers value).")
+    if args.conditioning == "text" and args.text_encoder == "transformer" and args.context_dim % args.text_encoder_heads:
+        parser.error(f"--context_dim {args.context_dim} must be divisible by --text_encoder_heads {args.text_encoder_heads}.")
+    if args.conditioning == "layout" and args.context_dim % max(1, args.context_dim // 64):
+        parser.error(f"--context_dim {args.context_dim}: the layout encoder uses context_dim // 64 = "
+                     f"{args.context_dim // 64} attention heads, which must divide it (e.g. 64, 128, 256).")
+    if args.validation_class_labels and args.num_classes:
+        bad = sorted({c for c in args.validation_class_labels if c >= args.num_classes})
+        if bad:
+            parser.error(f"--validation_class_labels {bad}: --num_classes {args.num_classes} allows 0..{args.num_classes - 1}.")
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -475,8 +512,9 @@ def train(args: argparse.Namespace) -> dict:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if "text_encoder" in trainable:
-            trainable["text_encoder"].gradient_checkpointing_enable()
+        if "text_encoder" in trainable:  # transformers 5 renamed it (the old name warns); 4.x has only the old one
+            encoder = trainable["text_encoder"]
+            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
     denoiser = Denoiser(unet, mode, trainable, frozen)
     noise_scheduler = ldm_scheduler("ddpm", args.noise_schedule, args.prediction_type, args.num_train_timesteps)
     lr = args.learning_rate * (

@@ -31,6 +31,23 @@ def _local_folder(path, subfolder=None) -> Path | None:
     return folder if Path(path).is_dir() else None
 
 
+def missing_local_folder(name: str) -> bool:
+    """Whether ``name`` (not an existing folder) can only mean a local path: it is not a valid Hub id
+    ("name" or "org/name"), it exists as a file, or its parent folder exists here (``outputs/ldm`` when
+    ``outputs/`` exists: a mistyped or unsaved model folder, not a Hub repository)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    path = Path(name).expanduser()
+    if path.exists() or (path.parent != Path(".") and path.parent.is_dir()):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
 def read_config(path, subfolder=None) -> dict:
     folder = _local_folder(path, subfolder)
     if folder is None:
