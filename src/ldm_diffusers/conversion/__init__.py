@@ -1,0 +1,7 @@
+"""Converting the CompVis latent-diffusion checkpoints (the paper's released models) to this package."""
+
+from .checkpoint import CheckpointError, Placeholder, UnsafeCheckpointError, load_checkpoint, state_dict_of
+from .compvis import convert_compvis_checkpoint, read_compvis_config
+
+__all__ = ["CheckpointError", "Placeholder", "UnsafeCheckpointError", "convert_compvis_checkpoint", "load_checkpoint",
+           "read_compvis_config", "state_dict_of"]

@@ -1,0 +1,67 @@
+"""``convert_compvis_checkpoint``: a released CompVis checkpoint + its YAML config -> this package's models.
+
+The config is read as data (``yaml.safe_load``, then its keys); ``target:`` strings only select which converter
+applies, nothing is imported or instantiated from them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..utils.checkpoints import CheckpointError
+from .checkpoint import load_checkpoint, state_dict_of
+from .first_stage import autoencoder_config, convert_first_stage_state_dict
+
+FIRST_STAGE_TARGETS = ("ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.VQModel",
+                       "ldm.models.autoencoder.VQModelInterface", "taming.models.vqgan.VQModel")
+LATENT_DIFFUSION_TARGETS = ("ldm.models.diffusion.ddpm.LatentDiffusion",)
+
+
+def read_compvis_config(path: str | os.PathLike) -> dict:
+    """The YAML config as plain data; ``model.target`` and ``model.params`` must be there."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No config at '{path}': pass the .yaml that came with the checkpoint.")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"'{path}' is not valid YAML ({err}).") from err
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "target" not in config["model"]:
+        raise ValueError(f"'{path}' has no model.target: not a CompVis latent-diffusion config.")
+    return config
+
+
+def convert_first_stage(state: dict, params: dict, prefix: str = ""):
+    """An ``LDMAutoencoderKL`` / ``LDMVQModel`` with the CompVis first-stage weights under ``prefix`` in ``state``."""
+    from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel
+
+    kind, config = autoencoder_config(params)
+    model = (LDMVQModel if kind == "vq" else LDMAutoencoderKL)(**config)
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = convert_first_stage_state_dict(own, len(config["block_out_channels"]))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The checkpoint's first stage does not fit its config: missing {sorted(missing)[:8]}, unexpected "
+            f"{sorted(unexpected)[:8]}. Is this the config that came with the checkpoint?"
+        )
+    return model.eval()
+
+
+def convert_compvis_checkpoint(checkpoint_path: str | os.PathLike, config_path: str | os.PathLike, use_ema: bool = True):
+    """A released CompVis checkpoint (``.ckpt``, loaded without running its pickle, or ``.safetensors``) and its
+    config -> an ``LDMAutoencoderKL`` / ``LDMVQModel`` for a first-stage config (``models/first_stage_models/*``).
+    ``use_ema`` selects the EMA weights of a latent-diffusion checkpoint where it has them."""
+    config = read_compvis_config(config_path)
+    target, params = config["model"]["target"], config["model"].get("params") or {}
+    state = state_dict_of(load_checkpoint(checkpoint_path))
+    if target in FIRST_STAGE_TARGETS:
+        return convert_first_stage(state, params)
+    if target in LATENT_DIFFUSION_TARGETS:
+        raise NotImplementedError(
+            f"{target} checkpoints are not converted yet (only the first-stage autoencoders are); see issue 13.")
+    raise ValueError(f"model.target '{target}' is not a CompVis latent-diffusion model; known targets: "
+                     f"{', '.join(FIRST_STAGE_TARGETS + LATENT_DIFFUSION_TARGETS)}.")

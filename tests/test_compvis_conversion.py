@@ -1,0 +1,162 @@
+"""The paper's released checkpoints: safe loading of CompVis ``.ckpt`` files and conversion checked against the
+original code's outputs (tests/fixtures/compvis: random-weight checkpoints built by the CompVis code at reduced
+widths, with its reference outputs; see its README)."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm_diffusers import LDMAutoencoderKL, LDMVQModel
+from ldm_diffusers.conversion import (
+    CheckpointError,
+    Placeholder,
+    UnsafeCheckpointError,
+    convert_compvis_checkpoint,
+    load_checkpoint,
+    state_dict_of,
+)
+from ldm_diffusers.conversion.first_stage import first_stage_key
+
+FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
+INDEX = json.loads((FIXTURES / "index.json").read_text())
+AUTOENCODERS = ["kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16"]
+ALL = sorted(p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file())
+
+
+def tolerance(reference: torch.Tensor) -> float:
+    """The fixtures' criterion: max |ours - reference| <= 1e-3 * max(1, max |reference|)."""
+    return 1e-3 * max(1.0, reference.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """model.ckpt of every autoencoder fixture, written by the fixtures' own materialize.py in a subprocess (it
+    registers a stand-in Lightning module to pickle the callback; this process must not see it)."""
+    out = tmp_path_factory.mktemp("compvis")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import materialize\n"
+            "for name in sys.argv[3:]: materialize.materialize(f'{sys.argv[1]}/{name}', f'{sys.argv[2]}/{name}.ckpt')")
+    subprocess.run([sys.executable, "-c", code, str(FIXTURES), str(out), *AUTOENCODERS], check=True, timeout=600)
+    assert "pytorch_lightning" not in sys.modules
+    return out
+
+
+def test_all_22_fixtures_are_here():
+    assert len(ALL) == 22 and set(AUTOENCODERS) <= set(ALL)
+
+
+@pytest.mark.parametrize("name", AUTOENCODERS)
+def test_first_stage_autoencoders_match_the_original_code(name, checkpoints):
+    model = convert_compvis_checkpoint(checkpoints / f"{name}.ckpt", FIXTURES / name / "config.yaml")
+    ref = load_file(FIXTURES / name / "reference.safetensors")
+    assert isinstance(model, LDMVQModel if name.startswith("vq") else LDMAutoencoderKL)
+    with torch.no_grad():
+        if name.startswith("kl"):
+            posterior = model.encode(ref["x"]).latent_dist
+            ours = {"posterior_mean": posterior.mean, "posterior_std": posterior.std,
+                    "reconstruction": model.decode(posterior.mode()).sample, "decoded": model.decode(ref["z"]).sample}
+        else:
+            h = model.encode(ref["x"]).latents
+            ours = {"h": h, "decoded": model.decode(ref["z"]).sample,  # the LDMs' decode: quantise first
+                    "decoded_no_quant": model.decode(ref["z"], force_not_quantize=True).sample}
+    for key, value in ours.items():
+        assert value.shape == ref[key].shape, key
+        error = (value - ref[key]).abs().max().item()
+        assert error <= tolerance(ref[key]), (key, error)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_real_width_first_stage_key_is_mapped_or_dropped_on_purpose(name):
+    """keys_real_width.json: the state dict of the same config at its released widths."""
+    layout = json.loads((FIXTURES / name / "keys_real_width.json").read_text())["state_dict"]
+    prefix = "" if name in AUTOENCODERS else "first_stage_model."
+    keys = [key[len(prefix):] for key, _, _ in layout if key.startswith(prefix)]
+    assert keys
+    config = json.loads((FIXTURES / name / "meta.json").read_text())
+    levels = max(int(k.split(".")[2]) for k in keys if k.startswith("encoder.down.")) + 1
+    names = [first_stage_key(key, levels) for key in keys]
+    assert len(set(names)) == len(names)  # one diffusers name per key
+    assert config["downsampling_factor"] == 2 ** (levels - 1)
+
+
+def test_unknown_first_stage_keys_are_errors_and_training_keys_are_dropped():
+    assert first_stage_key("loss.discriminator.main.0.weight", 3) is None
+    with pytest.raises(CheckpointError, match="Unknown first-stage key 'encoder.down.0.film.weight'"):
+        first_stage_key("encoder.down.0.film.weight", 3)
+
+
+# -- safe loading --------------------------------------------------------------------------------------------------
+def test_the_lightning_container_loads_without_lightning(checkpoints):
+    checkpoint = load_checkpoint(checkpoints / "kl-f4.ckpt")
+    (callback, state), = checkpoint["callbacks"].items()
+    assert issubclass(callback, Placeholder) and callback._global.endswith("ModelCheckpoint")
+    assert state["monitor"] == "val/rec_loss" and isinstance(state["best_model_score"], torch.Tensor)
+    assert "pytorch_lightning" not in sys.modules
+    tensors = state_dict_of(checkpoint)
+    assert len(tensors) == len(json.loads((FIXTURES / "kl-f4" / "weights.json").read_text())["state_dict"])
+
+
+def _with_pickle(valid: Path, out: Path, payload: bytes) -> Path:
+    """``valid``'s torch zip container with its data.pkl replaced by ``payload``."""
+    with zipfile.ZipFile(valid) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, payload if item.filename.endswith("/data.pkl") else src.read(item.filename))
+    return out
+
+
+class _Exploit:
+    def __init__(self, func, arg):
+        self.func, self.arg = func, arg
+
+    def __reduce__(self):
+        return self.func, (self.arg,)
+
+
+@pytest.mark.parametrize("func,global_name", [(os.system, "system"), (eval, "builtins.eval"),
+                                              (subprocess.getoutput, "subprocess.getoutput")])
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(checkpoints, tmp_path, func, global_name):
+    marker = tmp_path / "pwned"
+    command = f"open({str(marker)!r}, 'w')" if func is eval else f"touch {marker}"
+    payload = pickle.dumps({"state_dict": {}, "x": _Exploit(func, command)}, protocol=4)
+    crafted = _with_pickle(checkpoints / "kl-f4.ckpt", tmp_path / "evil.ckpt", payload)
+    with pytest.raises(UnsafeCheckpointError, match=f"{global_name}.*refused, nothing was executed"):
+        load_checkpoint(crafted)
+    with pytest.raises(UnsafeCheckpointError):
+        convert_compvis_checkpoint(crafted, FIXTURES / "kl-f4" / "config.yaml")
+    old_names = pickle.dumps({"x": _Exploit(func, command)}, protocol=2)  # Python 2 names: __builtin__, commands
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(_with_pickle(checkpoints / "kl-f4.ckpt", tmp_path / "evil2.ckpt", old_names))
+    assert not marker.exists()
+
+
+def test_truncated_missing_and_non_checkpoint_files_get_clear_errors(checkpoints, tmp_path):
+    whole = (checkpoints / "kl-f4.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(tmp_path / "cut.ckpt")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a torch checkpoint"):
+        load_checkpoint(tmp_path / "notes.ckpt")
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "absent.ckpt")
+    with pytest.raises(FileNotFoundError, match="No config"):
+        convert_compvis_checkpoint(checkpoints / "kl-f4.ckpt", tmp_path / "absent.yaml")
+    (tmp_path / "other.yaml").write_text("model:\n  target: some.other.Model\n")
+    with pytest.raises(ValueError, match="not a CompVis latent-diffusion model"):
+        convert_compvis_checkpoint(checkpoints / "kl-f4.ckpt", tmp_path / "other.yaml")
+
+
+def test_a_safetensors_checkpoint_converts_the_same(checkpoints, tmp_path):
+    tensors = state_dict_of(load_checkpoint(checkpoints / "vq-f8.ckpt"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "vq-f8.safetensors")
+    a = convert_compvis_checkpoint(checkpoints / "vq-f8.ckpt", FIXTURES / "vq-f8" / "config.yaml")
+    b = convert_compvis_checkpoint(tmp_path / "vq-f8.safetensors", FIXTURES / "vq-f8" / "config.yaml")
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
