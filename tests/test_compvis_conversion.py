@@ -160,3 +160,23 @@ def test_a_safetensors_checkpoint_converts_the_same(checkpoints, tmp_path):
     b = convert_compvis_checkpoint(tmp_path / "vq-f8.safetensors", FIXTURES / "vq-f8" / "config.yaml")
     for name, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[name]), name
+
+
+def test_convert_command_writes_a_loadable_folder_with_a_model_card(checkpoints, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from ldm_diffusers.cli import main
+
+    main(["convert", str(checkpoints / "kl-f16.ckpt"), "--config", str(FIXTURES / "kl-f16" / "config.yaml"),
+          "--output_dir", str(tmp_path / "kl-f16"), "--dtype", "float16"])
+    loaded = LDMAutoencoderKL.from_pretrained(tmp_path / "kl-f16")
+    converted = convert_compvis_checkpoint(checkpoints / "kl-f16.ckpt", FIXTURES / "kl-f16" / "config.yaml")
+    for name, value in converted.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.half().float()), name
+    card = ModelCard.load(tmp_path / "kl-f16" / "README.md")
+    assert card.data.license == "mit" and "converted" in card.data.tags
+    assert "kl-f16.ckpt" in card.text and "config.yaml" in card.text and "2112.10752" in card.text
+    import hashlib
+
+    assert hashlib.sha256((checkpoints / "kl-f16.ckpt").read_bytes()).hexdigest() in card.text
+    assert not list(tmp_path.glob(".*"))  # written aside, then renamed

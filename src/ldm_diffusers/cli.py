@@ -195,12 +195,43 @@ def _evaluate_autoencoder(argv):
     print(json.dumps(evaluate_autoencoder(model, loader, a.max_samples, not a.skip_rfid), indent=2))
 
 
+def _convert(argv):
+    p = argparse.ArgumentParser(
+        prog="ldm-diffusers convert",
+        description="Convert a released CompVis latent-diffusion checkpoint (.ckpt, read without running its pickle, "
+        "or .safetensors) and its YAML config into a folder that from_pretrained loads. First-stage autoencoders "
+        "(models/first_stage_models/*) are supported so far.",
+    )
+    p.add_argument("checkpoint", help="The .ckpt / .safetensors file.")
+    p.add_argument("--config", required=True, help="The config.yaml released with it (read as data only).")
+    p.add_argument("--output_dir", required=True, help="Folder to write (replaced whole if it exists).")
+    p.add_argument("--no_ema", action="store_true", help="Take the training weights, not the EMA copy.")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="Saved precision.")
+    a = p.parse_args(argv)
+    import torch
+
+    from .conversion import convert_compvis_checkpoint
+    from .conversion.compvis import save_converted
+
+    for flag, path in (("checkpoint", a.checkpoint), ("--config", a.config)):
+        if not Path(path).is_file():
+            p.error(f"{flag} {path}: no such file.")
+    try:
+        model = convert_compvis_checkpoint(a.checkpoint, a.config, use_ema=not a.no_ema)
+    except NotImplementedError as err:
+        p.error(str(err))
+    out = save_converted(model, a.output_dir, a.checkpoint, a.config, weights="first stage (loss.* dropped)",
+                         dtype=getattr(torch, a.dtype))
+    print(f"wrote {type(model).__name__} to {out}")
+
+
 COMMANDS = {
     "build-emoji": (_build_emoji, "render the built-in emoji dataset"),
     "train-autoencoder": (_train_autoencoder, "train a KL/VQ stage-1 autoencoder"),
     "generate": (_generate, "sample images from a trained LDMPipeline"),
     "train": (_train, "train a latent diffusion model (any conditioning mode)"),
     "evaluate-autoencoder": (_evaluate_autoencoder, "PSNR / SSIM / rFID of a saved autoencoder"),
+    "convert": (_convert, "convert a released CompVis checkpoint + config"),
 }
 
 

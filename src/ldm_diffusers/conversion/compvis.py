@@ -51,6 +51,35 @@ def convert_first_stage(state: dict, params: dict, prefix: str = ""):
     return model.eval()
 
 
+def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config_path, weights: str,
+                   dtype=None) -> Path:
+    """``save_pretrained`` of a converted model into ``output_dir`` (written aside, then renamed into place),
+    with a model card naming the source checkpoint (and its sha256), the config, the paper and which of the
+    checkpoint's ``weights`` were taken (e.g. "EMA")."""
+    import hashlib
+
+    import torch
+
+    from ..utils.checkpoints import atomic_directory, publish_directory
+    from ..utils.model_cards import component_model_card
+
+    output_dir = Path(output_dir)
+    digest = hashlib.sha256()
+    with open(checkpoint_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    target = read_compvis_config(config_path)["model"]["target"]
+    tmp = atomic_directory(output_dir)
+    model.to(dtype or torch.float32).save_pretrained(tmp, safe_serialization=True)
+    component_model_card(
+        model, output_dir.name, template="converted.md", extra_tags=("compvis", "converted"), license="mit",
+        checkpoint=Path(checkpoint_path).name, sha256=digest.hexdigest(), config=Path(config_path).name,
+        target=target, weights=weights,
+    ).save(tmp / "README.md")
+    publish_directory(tmp, output_dir)
+    return output_dir
+
+
 def convert_compvis_checkpoint(checkpoint_path: str | os.PathLike, config_path: str | os.PathLike, use_ema: bool = True):
     """A released CompVis checkpoint (``.ckpt``, loaded without running its pickle, or ``.safetensors``) and its
     config -> an ``LDMAutoencoderKL`` / ``LDMVQModel`` for a first-stage config (``models/first_stage_models/*``).

@@ -35,31 +35,36 @@ def _fmt(value, digits=4):
 
 
 def _render_card(template: str, repo_id: str, *, pipeline_tag: str | None, tags: list[str],
-                 datasets: list[str] | None = None, base_model: str | None = None, **fields):
+                 datasets: list[str] | None = None, base_model: str | None = None, license: str = "apache-2.0",
+                 **fields):
     """A ``huggingface_hub.ModelCard`` from ``model_cards/templates/<template>``, with the Hub metadata every
-    card here shares (diffusers library, Apache-2.0, ldm-diffusers / latent-diffusion tags)."""
+    card here shares (diffusers library, ldm-diffusers / latent-diffusion tags; Apache-2.0 unless the weights
+    come under another license)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    card_data = ModelCardData(library_name="diffusers", license="apache-2.0", pipeline_tag=pipeline_tag,
+    card_data = ModelCardData(library_name="diffusers", license=license, pipeline_tag=pipeline_tag,
                               tags=["ldm-diffusers", "latent-diffusion", *tags], datasets=datasets,
                               base_model=base_model)
     return ModelCard.from_template(card_data, template_path=str(template_path(template)),
                                    model_name=repo_id.split("/")[-1], repo_id=repo_id, **fields)
 
 
-def component_model_card(model, repo_id: str, base_model: str | None = None, datasets: list[str] | None = None):
-    """A ``huggingface_hub.ModelCard`` for one saved component (UNet, autoencoder, conditioning encoder)."""
+def component_model_card(model, repo_id: str, base_model: str | None = None, datasets: list[str] | None = None,
+                         template: str = "component.md", extra_tags: tuple[str, ...] = (), **fields):
+    """A ``huggingface_hub.ModelCard`` for one saved component (UNet, autoencoder, conditioning encoder), from
+    ``template`` (``converted.md`` for a converted CompVis model, with its own ``fields``)."""
     if not isinstance(model, ComponentCardMixin):
         raise TypeError(f"No model card for {type(model).__name__}: not an ldm-diffusers component.")
     description, tags, pipeline_tag, rows = model._card_details()
     bases = [c.__name__ for c in type(model).__mro__ if c.__module__.startswith("diffusers.")]
     return _render_card(
-        "component.md",
+        template,
         repo_id,
         pipeline_tag=pipeline_tag,
-        tags=tags,
+        tags=[*tags, *extra_tags],
         datasets=datasets,
         base_model=base_model,
+        **fields,
         description=description,
         class_name=type(model).__name__,
         base_class=bases[0] if bases else "ModelMixin",
