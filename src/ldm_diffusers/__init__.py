@@ -18,10 +18,11 @@ from .models import (
 )
 from .conditioning import ClassEmbedder, LayoutEncoder
 from .pipelines import LDMPipeline
-from .schedulers import ldm_scheduler, switch_sampler
+from .schedulers import CompVisDDIMScheduler, ldm_scheduler, switch_sampler
 
 __all__ = [
     "ClassEmbedder",
+    "CompVisDDIMScheduler",
     "LDMPipeline",
     "LayoutEncoder",
     "LDMUNet2DConditionModel",

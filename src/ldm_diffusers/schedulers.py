@@ -10,6 +10,8 @@ Samplers: DDPM, DDIM (with eta), PLMS (PNDM with ``skip_prk_steps``) and DPM-Sol
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
 SCHEDULE_PRESETS = {
@@ -54,3 +56,26 @@ def switch_sampler(scheduler, sampler: str):
         raise ValueError(f"Unknown sampler '{sampler}': choose one of {sorted(SAMPLERS)}.")
     cls, extra = SAMPLERS[sampler]
     return cls.from_config(scheduler.config, **extra)
+
+
+class CompVisDDIMScheduler(DDIMScheduler):
+    """diffusers' ``DDIMScheduler`` with CompVis' timestep table (``make_ddim_timesteps("uniform")``): the steps
+    ``range(0, T, T // S) + steps_offset`` from high to low. When S divides T this is diffusers' "leading" spacing;
+    when it does not, CompVis runs more than S steps (S=7 of 1000: 8 steps 995, 853, ..., 1), and converted
+    models are sampled the way their authors sampled them."""
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        super().set_timesteps(num_inference_steps, device)
+        total = self.config.num_train_timesteps
+        table = np.arange(0, total, total // num_inference_steps)[::-1].copy() + self.config.steps_offset
+        self.timesteps = torch.from_numpy(table).to(device)
+
+
+def compvis_ddim_scheduler(linear_start: float, linear_end: float, num_train_timesteps: int = 1000):
+    """DDIM exactly as CompVis samples: their "linear" schedule (linear in sqrt(beta)), no clipping of the
+    predicted z_0, alpha_bar_0 (not 1) as the last step's previous value, timesteps 1 + k * (T // S)."""
+    return CompVisDDIMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_start=linear_start, beta_end=linear_end,
+        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )

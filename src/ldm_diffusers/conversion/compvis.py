@@ -51,6 +51,67 @@ def convert_first_stage(state: dict, params: dict, prefix: str = ""):
     return model.eval()
 
 
+# Buffers of CompVis' LatentDiffusion that the scheduler recomputes from linear_start / linear_end.
+SCHEDULE_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "scale_factor", "model_ema.decay",
+                    "model_ema.num_updates"}
+
+
+def unet_weights(state: dict, use_ema: bool) -> dict:
+    """``model.diffusion_model.*`` (keys relative to ``diffusion_model.``), with the EMA values in their place when
+    ``use_ema`` and the checkpoint has them (``model_ema.<name without dots>``)."""
+    weights = {k[len("model.diffusion_model."):]: v for k, v in state.items() if k.startswith("model.diffusion_model.")}
+    if not weights:
+        raise CheckpointError("The checkpoint has no model.diffusion_model.* weights: not a LatentDiffusion checkpoint.")
+    has_ema = any(k.startswith("model_ema.") for k in state)
+    if use_ema and has_ema:
+        ema = {k: state.get("model_ema." + ("diffusion_model." + k).replace(".", "")) for k in weights}
+        missing = [k for k, v in ema.items() if v is None]
+        if missing:
+            raise CheckpointError(f"The checkpoint's EMA copy lacks {len(missing)} weights (e.g. {missing[0]}); "
+                                  "convert with use_ema=False (--no_ema) to take the training weights.")
+        weights = ema
+    return weights
+
+
+def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
+    """An ``LDMPipeline`` from a CompVis ``LatentDiffusion`` checkpoint: first stage with the LDM's scale factor
+    (from the checkpoint when ``scale_by_std``, else the config, default 1.0), eps_theta, CompVis' DDIM."""
+    from diffusers import UNet2DModel
+
+    from ..models.unet import LDMUNet2DConditionModel
+    from ..pipelines import LDMPipeline
+    from ..schedulers import compvis_ddim_scheduler
+    from .unet import convert_unet_state_dict, unet_config
+
+    cond_stage = params.get("cond_stage_config")
+    if cond_stage != "__is_unconditional__":
+        raise NotImplementedError("Only unconditional LatentDiffusion checkpoints (celeba256, ffhq256, lsun_beds256) "
+                                  "are converted so far.")
+    if params.get("parameterization", "eps") != "eps":
+        raise NotImplementedError(f"parameterization '{params['parameterization']}' is not supported (CompVis: eps).")
+    vae = convert_first_stage(state, params["first_stage_config"]["params"], prefix="first_stage_model.")
+    scale = float(state["scale_factor"]) if params.get("scale_by_std") else float(params.get("scale_factor", 1.0))
+    vae.register_to_config(scaling_factor=scale)
+    unet_params = params["unet_config"]["params"]
+    kind, config = unet_config(unet_params)
+    unet = (LDMUNet2DConditionModel if kind == "cross" else UNet2DModel)(**config)
+    weights = convert_unet_state_dict(unet_weights(state, use_ema), unet_params, cross=kind == "cross")
+    missing, unexpected = unet.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"The checkpoint's UNet does not fit its config: missing {sorted(missing)[:8]}, "
+                              f"unexpected {sorted(unexpected)[:8]}.")
+    placed = ("model.diffusion_model.", "model_ema.", "first_stage_model.")
+    left = sorted(k for k in state if not k.startswith(placed) and k not in SCHEDULE_BUFFERS)
+    if left:
+        raise CheckpointError(f"Keys of the checkpoint that no part of this model takes: {left[:8]}.")
+    scheduler = compvis_ddim_scheduler(params.get("linear_start", 0.0015), params.get("linear_end", 0.0195),
+                                       params.get("timesteps", 1000))
+    return LDMPipeline(vae=vae, unet=unet.eval(), scheduler=scheduler)
+
+
 def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config_path, weights: str,
                    dtype=None) -> Path:
     """``save_pretrained`` of a converted model into ``output_dir`` (written aside, then renamed into place),
@@ -90,7 +151,6 @@ def convert_compvis_checkpoint(checkpoint_path: str | os.PathLike, config_path: 
     if target in FIRST_STAGE_TARGETS:
         return convert_first_stage(state, params)
     if target in LATENT_DIFFUSION_TARGETS:
-        raise NotImplementedError(
-            f"{target} checkpoints are not converted yet (only the first-stage autoencoders are); see issue 13.")
+        return convert_latent_diffusion(state, params, use_ema)
     raise ValueError(f"model.target '{target}' is not a CompVis latent-diffusion model; known targets: "
                      f"{', '.join(FIRST_STAGE_TARGETS + LATENT_DIFFUSION_TARGETS)}.")

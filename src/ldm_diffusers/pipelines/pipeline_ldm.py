@@ -417,10 +417,14 @@ class LDMPipeline(DiffusionPipeline):
         mode = self.select_mode(values)
         if mode is not None:
             mode.check_inputs(self, values)
-        height, width = self._check_size(height, width, mode.output_size(self, values) if mode else None)
         f = self.vae_scale_factor
+        if latents is not None and latents.ndim == 4 and height is None and width is None:
+            height, width = latents.shape[-2] * f, latents.shape[-1] * f  # the size of the given starting noise
+        height, width = self._check_size(height, width, mode.output_size(self, values) if mode else None)
         if mode is None:
-            cond, null, n = Conditioning(), None, batch_size
+            # unconditional: as many images as starting latents were given (unless batch_size says otherwise)
+            n = latents.shape[0] // num_images_per_prompt if latents is not None and batch_size == 1 else batch_size
+            cond, null = Conditioning(), None
         else:
             cond, null = mode.encode(self, values, (height // f, width // f))
             self._check_conditioning(mode, cond)
