@@ -28,9 +28,9 @@ from ldm_diffusers.conversion.first_stage import first_stage_key
 FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 AUTOENCODERS = ["kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16"]
-# LatentDiffusion fixtures converted so far: the unconditional ones (the other conditioning stages, and UNets with
-# resblock_updown / per-level head widths, are issue 13's remaining work)
-UNCONDITIONAL = ["celeba256", "ffhq256", "lsun_beds256"]
+# LatentDiffusion fixtures converted so far: unconditional and class-conditional (text, layout, the concatenated
+# modes, and UNets with resblock_updown / per-level head widths, are issue 13's remaining work)
+CONVERTED_LDMS = ["celeba256", "ffhq256", "lsun_beds256", "cin256", "cin256-v2"]
 ALL = sorted(p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file())
 
 
@@ -46,7 +46,7 @@ def checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("compvis")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import materialize\n"
             "for name in sys.argv[3:]: materialize.materialize(f'{sys.argv[1]}/{name}', f'{sys.argv[2]}/{name}.ckpt')")
-    subprocess.run([sys.executable, "-c", code, str(FIXTURES), str(out), *AUTOENCODERS, *UNCONDITIONAL], check=True,
+    subprocess.run([sys.executable, "-c", code, str(FIXTURES), str(out), *AUTOENCODERS, *CONVERTED_LDMS], check=True,
                    timeout=600)
     assert "pytorch_lightning" not in sys.modules
     return out
@@ -193,10 +193,18 @@ def _assert_matches(ours: torch.Tensor, ref: dict, key: str) -> float:
     return error
 
 
-@pytest.mark.parametrize("name", UNCONDITIONAL)
-def test_unconditional_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_path):
-    """eps_theta at two timesteps (EMA weights), 10-step DDIM from the same x_T (and celeba256's 7 steps, which
-    CompVis runs as 8), the first stage's decode, and the same after save_pretrained / from_pretrained."""
+def _inputs(pipe, ref: dict) -> tuple[dict, torch.Tensor | None]:
+    """(the pipeline's conditioning inputs in natural units, tau_theta of them) for a fixture."""
+    if "cond.class_labels" in ref:
+        return {"class_labels": ref["cond.class_labels"]}, pipe.class_embedder(ref["cond.class_labels"])
+    return {}, None
+
+
+@pytest.mark.parametrize("name", CONVERTED_LDMS)
+def test_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_path):
+    """tau_theta of the condition, eps_theta at two timesteps (EMA weights), 10-step DDIM from the same x_T with and
+    without guidance (and celeba256's 7 steps, which CompVis runs as 8), the first stage's decode, and the same
+    sampling after save_pretrained / from_pretrained."""
     from ldm_diffusers import CompVisDDIMScheduler, LDMPipeline
 
     pipe = convert_compvis_checkpoint(checkpoints / f"{name}.ckpt", FIXTURES / name / "config.yaml")
@@ -204,21 +212,30 @@ def test_unconditional_latent_diffusion_models_match_the_original_code(name, che
     ref = load_file(FIXTURES / name / "reference.safetensors")
     assert isinstance(pipe.scheduler, CompVisDDIMScheduler)
     with torch.no_grad():
+        inputs, context = _inputs(pipe, ref)
+        if context is not None:
+            _assert_matches(context, ref, "cond.context")
         for i in (0, 1):
-            _assert_matches(pipe.unet(ref["apply_model.z_t"], ref[f"apply_model.{i}.t"]).sample, ref, f"apply_model.{i}.eps")
+            eps = pipe.unet(ref["apply_model.z_t"], ref[f"apply_model.{i}.t"], *([] if context is None else [context]))
+            _assert_matches(eps.sample, ref, f"apply_model.{i}.eps")
         z = ref["first_stage.z"] / pipe.vae.config.scaling_factor
         _assert_matches(pipe.vae.decode(z).sample, ref, "first_stage.decoded")
-        sample = pipe(latents=ref["ddim.x_T"], num_inference_steps=10, eta=0.0, guidance_scale=1.0, output_type="latent")
-        _assert_matches(sample.images, ref, "ddim.g1.latents")
+        common = dict(inputs, latents=ref["ddim.x_T"], eta=0.0, output_type="latent")
+        sample = pipe(**common, num_inference_steps=10, guidance_scale=1.0).images
+        _assert_matches(sample, ref, "ddim.g1.latents")
+        if "ddim.g3.latents" in ref:
+            _assert_matches(pipe(**common, num_inference_steps=10, guidance_scale=3.0).images, ref, "ddim.g3.latents")
+        else:
+            with pytest.raises(ValueError, match="guidance"):
+                pipe(**common, num_inference_steps=2, guidance_scale=3.0)
         if "ddim_s7.g1.latents" in ref:
-            seven = pipe(latents=ref["ddim.x_T"], num_inference_steps=7, eta=0.0, output_type="latent").images
-            _assert_matches(seven, ref, "ddim_s7.g1.latents")
+            _assert_matches(pipe(**common, num_inference_steps=7).images, ref, "ddim_s7.g1.latents")
             assert len(pipe.scheduler.timesteps) == 8  # CompVis: range(0, 1000, 142) + 1
         pipe.save_pretrained(tmp_path / name)
         loaded = LDMPipeline.from_pretrained(tmp_path / name)
-        again = loaded(latents=ref["ddim.x_T"], num_inference_steps=10, eta=0.0, output_type="latent").images
+        again = loaded(**common, num_inference_steps=10, guidance_scale=1.0).images
     assert type(loaded.scheduler) is CompVisDDIMScheduler
-    assert torch.equal(again, sample.images)
+    assert torch.equal(again, sample)
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n not in AUTOENCODERS + ["inpainting_big", "lsun_churches256"]])

@@ -16,32 +16,37 @@ class ClassEmbedder(ComponentCardMixin, ModelMixin, ConfigMixin):
     "null" class used for classifier-free guidance (and for label dropout during training)."""
 
     @register_to_config
-    def __init__(self, num_classes: int = 1000, context_dim: int = 512):
+    def __init__(self, num_classes: int = 1000, context_dim: int = 512, has_null_class: bool = True):
         super().__init__()
-        self.embedding = nn.Embedding(num_classes + 1, context_dim)
+        # has_null_class=False: a model trained without label dropout (CompVis cin256), which cannot guide
+        self.embedding = nn.Embedding(num_classes + int(has_null_class), context_dim)
 
     @property
-    def null_class(self) -> int:
-        return self.config.num_classes
+    def null_class(self) -> int | None:
+        return self.config.num_classes if self.config.has_null_class else None
 
     def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(class_labels, device=self.embedding.weight.device).long().reshape(-1)
-        bad = labels[(labels < 0) | (labels > self.config.num_classes)]
+        bad = labels[(labels < 0) | (labels >= self.embedding.num_embeddings)]
         if bad.numel():
             raise ValueError(
-                f"Unknown class id(s) {sorted(set(bad.tolist()))}: this model knows 0..{self.config.num_classes - 1} "
-                f"(and {self.config.num_classes} = the null class)."
+                f"Unknown class id(s) {sorted(set(bad.tolist()))}: this model knows 0..{self.config.num_classes - 1}"
+                + (f" (and {self.config.num_classes} = the null class)." if self.config.has_null_class else ".")
             )
         return self.embedding(labels)[:, None, :]
 
     def null(self, batch_size: int) -> torch.Tensor:
+        if self.null_class is None:
+            raise ValueError("This class embedder has no null class (trained without label dropout): classifier-free "
+                             "guidance and condition dropout need one; sample with guidance_scale=1.")
         return self(torch.full((batch_size,), self.null_class, dtype=torch.long))
 
     def _card_details(self) -> CardDetails:
         """Description, tags, pipeline tag and table rows for this encoder's model card."""
         config = self.config
         return ((f"The class-label encoder tau_theta: labels [B] in 0..{config.num_classes - 1} -> tokens "
-                 f"[B, 1, {config.context_dim}] for cross-attention (row {config.num_classes} is the null class)."),
+                 f"[B, 1, {config.context_dim}] for cross-attention"
+                 + (f" (row {config.num_classes} is the null class)." if config.has_null_class else " (no null class).")),
                 ["conditioning", "class-conditional"], None, [("classes", config.num_classes)])
 
 
@@ -86,16 +91,19 @@ class ClassMode(ConditioningMode):
             raise TypeError(f"class_labels must be {accepted}, got {shown(labels)}.")
         if not ids:
             raise ValueError(f"class_labels is empty: pass at least one class id in 0..{num_classes - 1}.")
-        bad = sorted({int(v) for v in ids if not 0 <= v <= num_classes})
+        top = num_classes if pipe.class_embedder.null_class is not None else num_classes - 1
+        bad = sorted({int(v) for v in ids if not 0 <= v <= top})
         if bad:
             raise ValueError(f"Unknown class id(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} in class_labels: this model "
-                             f"knows 0..{num_classes - 1} (and {num_classes} = the null class).")
+                             f"knows 0..{num_classes - 1}"
+                             + (f" (and {num_classes} = the null class)." if top == num_classes else "."))
 
     def condition(self, pipe, values, latent_size):
         return Conditioning(context=pipe.class_embedder(self._labels(values)))
 
     def null_values(self, pipe, values):
-        return {"class_labels": torch.full_like(self._labels(values), pipe.class_embedder.null_class)}
+        null = pipe.class_embedder.null_class
+        return None if null is None else {"class_labels": torch.full_like(self._labels(values), null)}
 
     def dataset_columns(self, columns):
         return {columns.class_column: "class_labels"}

@@ -87,9 +87,15 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     from .unet import convert_unet_state_dict, unet_config
 
     cond_stage = params.get("cond_stage_config")
-    if cond_stage != "__is_unconditional__":
-        raise NotImplementedError("Only unconditional LatentDiffusion checkpoints (celeba256, ffhq256, lsun_beds256) "
-                                  "are converted so far.")
+    encoders = {}
+    if cond_stage == "__is_unconditional__":
+        pass
+    elif isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.ClassEmbedder":
+        encoders["class_embedder"] = convert_class_embedder(state, cond_stage.get("params") or {})
+    else:
+        target = cond_stage.get("target") if isinstance(cond_stage, dict) else cond_stage
+        raise NotImplementedError(f"The conditioning stage {target} is not converted yet (unconditional and "
+                                  "class-conditional LatentDiffusion checkpoints are).")
     if params.get("parameterization", "eps") != "eps":
         raise NotImplementedError(f"parameterization '{params['parameterization']}' is not supported (CompVis: eps).")
     vae = convert_first_stage(state, params["first_stage_config"]["params"], prefix="first_stage_model.")
@@ -103,13 +109,26 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     if missing or unexpected:
         raise CheckpointError(f"The checkpoint's UNet does not fit its config: missing {sorted(missing)[:8]}, "
                               f"unexpected {sorted(unexpected)[:8]}.")
-    placed = ("model.diffusion_model.", "model_ema.", "first_stage_model.")
+    placed = ("model.diffusion_model.", "model_ema.", "first_stage_model.") + (("cond_stage_model.",) if encoders else ())
     left = sorted(k for k in state if not k.startswith(placed) and k not in SCHEDULE_BUFFERS)
     if left:
         raise CheckpointError(f"Keys of the checkpoint that no part of this model takes: {left[:8]}.")
     scheduler = compvis_ddim_scheduler(params.get("linear_start", 0.0015), params.get("linear_end", 0.0195),
                                        params.get("timesteps", 1000))
-    return LDMPipeline(vae=vae, unet=unet.eval(), scheduler=scheduler)
+    return LDMPipeline(vae=vae, unet=unet.eval(), scheduler=scheduler, **encoders)
+
+
+def convert_class_embedder(state: dict, params: dict):
+    """CompVis' ClassEmbedder (``nn.Embedding(n_classes, D)``, one token) as ours. cin256-v2's 1001 classes are 1000
+    and the null class 1000 it was trained to drop labels to; cin256's 1000 have no null class (no guidance)."""
+    from ..conditioning import ClassEmbedder
+
+    weight = state["cond_stage_model.embedding.weight"]
+    n_classes = params.get("n_classes", weight.shape[0])
+    has_null = n_classes == 1001  # ImageNet's 1000 classes + the null class, as the cin256-v2 config documents
+    embedder = ClassEmbedder(num_classes=n_classes - int(has_null), context_dim=weight.shape[1], has_null_class=has_null)
+    embedder.load_state_dict({"embedding.weight": weight})
+    return embedder.eval()
 
 
 def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config_path, weights: str,
