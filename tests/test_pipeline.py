@@ -200,7 +200,9 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="output_type"):
         pipe(prompt="a", output_type="jpeg")
     with pytest.raises(ValueError, match="latents must have shape"):
-        pipe(prompt="a", latents=torch.randn(1, 3, 4, 4))
+        pipe(prompt="a", height=32, width=32, latents=torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe(prompt="a", latents=torch.randn(1, 5, 4, 4))  # without height / width the size comes from latents
     pipe = make_pipe("class")
     with pytest.raises(ValueError, match="one conditioning input, got prompt and class_labels"):
         pipe(prompt="a", class_labels=[1])
