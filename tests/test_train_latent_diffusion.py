@@ -203,17 +203,21 @@ main(sys.argv[1:])
 """
 
 
-def _launch(script, args, processes):
-    """``accelerate launch`` on CPU. Several CPU processes need torchrun's launcher (``--multi_gpu``) with
+def _launch(script, args, processes) -> subprocess.Popen:
+    """Start ``accelerate launch`` on CPU. Several CPU processes need torchrun's launcher (``--multi_gpu``) with
     ``ACCELERATE_USE_CPU=1``, which makes accelerate use the gloo backend; ``--cpu`` alone starts one process."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(launched: subprocess.Popen) -> str:
+    output, _ = launched.communicate(timeout=600)
+    assert launched.returncode == 0, output[-3000:]
+    return output
 
 
 def test_two_process_cpu_run_matches_one_process(stage1, emoji16, tmp_path):
@@ -235,9 +239,9 @@ def test_two_process_cpu_run_matches_one_process(stage1, emoji16, tmp_path):
               "--conditioning_dropout_prob", "0.2", "--learning_rate", str(lr), "--adam_epsilon", str(eps)]
     one = tiny_args(stage1, emoji16, tmp_path / "one", *common, "--train_batch_size", "4")
     two = tiny_args(stage1, emoji16, tmp_path / "two", *common, "--train_batch_size", "2")
-    _launch(script, one, 1)
-    launched = _launch(script, two, 2)
-    assert "2 processes" in launched.stderr + launched.stdout
+    runs = [_launch(script, one, 1), _launch(script, two, 2)]  # side by side: one thread each
+    _finish(runs[0])
+    assert "2 processes" in _finish(runs[1])
     a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-12)
     wa = load_file(tmp_path / "one" / "checkpoint-3" / "model.safetensors")
