@@ -49,10 +49,10 @@ def test_generate_class_model_and_help(tmp_path, capsys):
     assert all(command in listing for command in ("generate", "train ", "train-autoencoder", "evaluate-autoencoder"))
 
 
-def test_evaluate_script_reports_sample_metrics(text_model, emoji16, tmp_path):
+def test_evaluate_script_reports_sample_metrics(text_model, emoji16_tiny, tmp_path):
     out = tmp_path / "metrics.json"
     cmd = [sys.executable, str(REPO / "examples" / "evaluate.py"), "--model", str(text_model), "--train_data_dir",
-           str(emoji16), "--resolution", "32", "--num_images", "8", "--batch_size", "4", "--steps", "2", "--out", str(out)]
+           str(emoji16_tiny), "--resolution", "32", "--num_images", "8", "--batch_size", "4", "--steps", "2", "--out", str(out)]
     env = {"PYTHONPATH": str(REPO / "src"), "LDM_DIFFUSERS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
