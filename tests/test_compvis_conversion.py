@@ -28,9 +28,9 @@ from ldm_diffusers.conversion.first_stage import first_stage_key
 FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 AUTOENCODERS = ["kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16"]
-# LatentDiffusion fixtures converted so far: unconditional and class-conditional (text, layout, the concatenated
-# modes, and UNets with resblock_updown / per-level head widths, are issue 13's remaining work)
-CONVERTED_LDMS = ["celeba256", "ffhq256", "lsun_beds256", "cin256", "cin256-v2"]
+# LatentDiffusion fixtures converted so far: unconditional, class-conditional and text-to-image (layout, the
+# concatenated modes, and UNets with resblock_updown / per-level head widths, are issue 13's remaining work)
+CONVERTED_LDMS = ["celeba256", "ffhq256", "lsun_beds256", "cin256", "cin256-v2", "text2img256", "txt2img-1p4B-eval"]
 ALL = sorted(p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file())
 
 
@@ -194,26 +194,35 @@ def _assert_matches(ours: torch.Tensor, ref: dict, key: str) -> float:
     return error
 
 
-def _inputs(pipe, ref: dict) -> tuple[dict, torch.Tensor | None]:
+def _inputs(pipe, name: str, ref: dict) -> tuple[dict, torch.Tensor | None]:
     """(the pipeline's conditioning inputs in natural units, tau_theta of them) for a fixture."""
     if "cond.class_labels" in ref:
         return {"class_labels": ref["cond.class_labels"]}, pipe.class_embedder(ref["cond.class_labels"])
+    if "cond.token_ids" in ref:
+        from ldm_diffusers.conditioning.text import tokenize
+
+        prompts = json.loads((FIXTURES / name / "meta.json").read_text())["pipeline_inputs"]["prompt"]
+        assert torch.equal(tokenize(pipe.tokenizer, prompts), ref["cond.token_ids"])  # one prompt is cut at 77
+        assert torch.equal(tokenize(pipe.tokenizer, ["", ""]), ref["cond.null_token_ids"])
+        _assert_matches(pipe.text_encoder(ref["cond.null_token_ids"])[0], ref, "cond.null_context")
+        return {"prompt": prompts}, pipe.text_encoder(ref["cond.token_ids"])[0]
     return {}, None
 
 
 @pytest.mark.parametrize("name", CONVERTED_LDMS)
 def test_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_path):
-    """tau_theta of the condition, eps_theta at two timesteps (EMA weights), 10-step DDIM from the same x_T with and
-    without guidance (and celeba256's 7 steps, which CompVis runs as 8), the first stage's decode, and the same
-    sampling after save_pretrained / from_pretrained."""
-    from ldm_diffusers import CompVisDDIMScheduler, LDMPipeline
+    """The condition's tokens and tau_theta of it, eps_theta at two timesteps (EMA weights where there are any),
+    10-step DDIM from the same x_T with and without guidance, PLMS with guidance (text models), celeba256's 7 steps
+    (which CompVis runs as 8), the first stage's decode, and the same sampling after save_pretrained /
+    from_pretrained."""
+    from ldm_diffusers import CompVisDDIMScheduler, LDMPipeline, switch_sampler
 
     pipe = convert_compvis_checkpoint(checkpoints / f"{name}.ckpt", FIXTURES / name / "config.yaml")
     pipe.set_progress_bar_config(disable=True)
     ref = load_file(FIXTURES / name / "reference.safetensors")
     assert isinstance(pipe.scheduler, CompVisDDIMScheduler)
     with torch.no_grad():
-        inputs, context = _inputs(pipe, ref)
+        inputs, context = _inputs(pipe, name, ref)
         if context is not None:
             _assert_matches(context, ref, "cond.context")
         for i in (0, 1):
@@ -229,6 +238,10 @@ def test_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_
         else:
             with pytest.raises(ValueError, match="guidance"):
                 pipe(**common, num_inference_steps=2, guidance_scale=3.0)
+        if "plms.g3.latents" in ref:  # PLMS = PNDM with skip_prk_steps on the same schedule
+            plms = LDMPipeline(**{**pipe.components, "scheduler": switch_sampler(pipe.scheduler, "plms")})
+            plms.set_progress_bar_config(disable=True)
+            _assert_matches(plms(**common, num_inference_steps=10, guidance_scale=3.0).images, ref, "plms.g3.latents")
         if "ddim_s7.g1.latents" in ref:
             _assert_matches(pipe(**common, num_inference_steps=7).images, ref, "ddim_s7.g1.latents")
             assert len(pipe.scheduler.timesteps) == 8  # CompVis: range(0, 1000, 142) + 1

@@ -92,6 +92,13 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
         pass
     elif isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.ClassEmbedder":
         encoders["class_embedder"] = convert_class_embedder(state, cond_stage.get("params") or {})
+    elif (isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.BERTEmbedder"
+          and (cond_stage.get("params") or {}).get("use_tokenizer", True)):
+        encoders["text_encoder"] = convert_bert_embedder(state, cond_stage.get("params") or {})
+        from ..conditioning import bert_tokenizer
+
+        encoders["tokenizer"] = bert_tokenizer()  # bert-base-uncased WordPiece, as CompVis' BERTTokenizer
+        encoders["tokenizer"].model_max_length = (cond_stage.get("params") or {}).get("max_seq_len", 77)
     else:
         target = cond_stage.get("target") if isinstance(cond_stage, dict) else cond_stage
         raise NotImplementedError(f"The conditioning stage {target} is not converted yet (unconditional and "
@@ -116,6 +123,38 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     scheduler = compvis_ddim_scheduler(params.get("linear_start", 0.0015), params.get("linear_end", 0.0195),
                                        params.get("timesteps", 1000))
     return LDMPipeline(vae=vae, unet=unet.eval(), scheduler=scheduler, **encoders)
+
+
+def convert_bert_embedder(state: dict, params: dict):
+    """CompVis' BERTEmbedder (an x-transformers encoder: token + learned absolute position embeddings, pre-norm
+    layers of 8 heads x 64 whatever the width, GELU feed-forward 4 x width, final LayerNorm, no attention mask) as
+    diffusers' ``LDMBertModel``, the same architecture diffusers uses for CompVis' text2im repository."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+    prefix = "cond_stage_model.transformer."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    width, layers = params.get("n_embed", 1280), params.get("n_layer", 32)
+    config = LDMBertConfig(vocab_size=own["token_emb.weight"].shape[0], d_model=width, encoder_layers=layers,
+                           encoder_ffn_dim=4 * width, encoder_attention_heads=8, head_dim=64,
+                           max_position_embeddings=own["pos_emb.emb.weight"].shape[0], dropout=0.0)
+    names = {"token_emb.weight": "model.embed_tokens.weight", "pos_emb.emb.weight": "model.embed_positions.weight",
+             "norm.weight": "model.layer_norm.weight", "norm.bias": "model.layer_norm.bias",
+             "to_logits.weight": "to_logits.weight", "to_logits.bias": "to_logits.bias"}
+    sublayers = {(0, "0"): "self_attn_layer_norm", (0, "1.to_q"): "self_attn.q_proj", (0, "1.to_k"): "self_attn.k_proj",
+                 (0, "1.to_v"): "self_attn.v_proj", (0, "1.to_out"): "self_attn.out_proj",
+                 (1, "0"): "final_layer_norm", (1, "1.net.0.0"): "fc1", (1, "1.net.2"): "fc2"}
+    for i in range(layers):  # x-transformers alternates attention (2i) and feed-forward (2i + 1) blocks
+        for (which, sub), name in sublayers.items():
+            for what in ("weight", "bias"):
+                names[f"attn_layers.layers.{2 * i + which}.{sub}.{what}"] = f"model.layers.{i}.{name}.{what}"
+    unknown = sorted(set(own) - set(names))
+    if unknown:
+        raise CheckpointError(f"Unknown BERTEmbedder keys {unknown[:6]}: not the CompVis text encoder layout.")
+    model = LDMBertModel(config)
+    missing, unexpected = model.load_state_dict({names[k]: v for k, v in own.items()}, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"BERTEmbedder weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}.")
+    return model.eval()
 
 
 def convert_class_embedder(state: dict, params: dict):
