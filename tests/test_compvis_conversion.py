@@ -28,9 +28,10 @@ from ldm_diffusers.conversion.first_stage import first_stage_key
 FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 AUTOENCODERS = ["kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16"]
-# LatentDiffusion fixtures converted so far: unconditional, class-conditional and text-to-image (layout, the
-# concatenated modes, and UNets with resblock_updown / per-level head widths, are issue 13's remaining work)
-CONVERTED_LDMS = ["celeba256", "ffhq256", "lsun_beds256", "cin256", "cin256-v2", "text2img256", "txt2img-1p4B-eval"]
+# LatentDiffusion fixtures converted so far: unconditional, class-conditional, text-to-image and super-resolution
+# (layout, inpainting, semantic synthesis, and UNets with resblock_updown / per-level head widths, are issue 13's remaining work)
+CONVERTED_LDMS = ["celeba256", "ffhq256", "lsun_beds256", "cin256", "cin256-v2", "text2img256", "txt2img-1p4B-eval",
+                  "bsr_sr"]
 ALL = sorted(p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file())
 
 
@@ -196,6 +197,14 @@ def _assert_matches(ours: torch.Tensor, ref: dict, key: str) -> float:
 
 def _inputs(pipe, name: str, ref: dict) -> tuple[dict, torch.Tensor | None]:
     """(the pipeline's conditioning inputs in natural units, tau_theta of them) for a fixture."""
+    if "cond.lr_image_u8" in ref:  # super-resolution: uint8 HWC low-resolution images, concatenated in [-1, 1]
+        from PIL import Image
+
+        from ldm_diffusers.conditioning.spatial import image_tensor
+
+        images = [Image.fromarray(a.numpy()) for a in ref["cond.lr_image_u8"]]
+        _assert_matches(image_tensor(images), ref, "cond.concat")
+        return {"image": images}, None
     if "cond.class_labels" in ref:
         return {"class_labels": ref["cond.class_labels"]}, pipe.class_embedder(ref["cond.class_labels"])
     if "cond.token_ids" in ref:
@@ -225,8 +234,11 @@ def test_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_
         inputs, context = _inputs(pipe, name, ref)
         if context is not None:
             _assert_matches(context, ref, "cond.context")
+        z_t = ref["apply_model.z_t"]
+        if "cond.concat" in ref:  # the spatially aligned condition goes after z_t
+            z_t = torch.cat([z_t, ref["cond.concat"]], dim=1)
         for i in (0, 1):
-            eps = pipe.unet(ref["apply_model.z_t"], ref[f"apply_model.{i}.t"], *([] if context is None else [context]))
+            eps = pipe.unet(z_t, ref[f"apply_model.{i}.t"], *([] if context is None else [context]))
             _assert_matches(eps.sample, ref, f"apply_model.{i}.eps")
         z = ref["first_stage.z"] / pipe.vae.config.scaling_factor
         _assert_matches(pipe.vae.decode(z).sample, ref, "first_stage.decoded")
@@ -277,3 +289,19 @@ def test_every_real_width_unet_key_is_mapped(name):
         model = (LDMUNet2DConditionModel if kind == "cross" else UNet2DModel)(**config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+
+
+def test_generate_runs_a_converted_super_resolution_model(checkpoints, tmp_path):
+    from PIL import Image
+
+    from ldm_diffusers.cli import main
+
+    pipe = convert_compvis_checkpoint(checkpoints / "bsr_sr.ckpt", FIXTURES / "bsr_sr" / "config.yaml")
+    pipe.save_pretrained(tmp_path / "sr")
+    low = load_file(FIXTURES / "bsr_sr" / "reference.safetensors")["cond.lr_image_u8"][0].numpy()
+    Image.fromarray(low).save(tmp_path / "low.png")
+    main(["generate", "--model", str(tmp_path / "sr"), "--image", str(tmp_path / "low.png"), "--steps", "2",
+          "--out", str(tmp_path / "high.png")])
+    assert Image.open(tmp_path / "high.png").size == (16 * 4, 16 * 4)  # f = 4
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tmp_path / "sr"), "--mask_image", str(tmp_path / "low.png")])

@@ -55,6 +55,10 @@ def generate_parser() -> argparse.ArgumentParser:
                         "with the package).")
     p.add_argument("--out", default="samples.png", help="Output PNG (a grid when several images).")
     p.add_argument("--class_labels", type=non_negative_int, nargs="+", default=None, help="For class-conditional models.")
+    p.add_argument("--image", default=None,
+                   help="Input image: the low-resolution image for a super-resolution model, the image to fill for "
+                        "an inpainting model (with --mask_image).")
+    p.add_argument("--mask_image", default=None, help="Inpainting mask (white = fill in), same size as --image.")
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--batch", type=positive_int, default=1, help="Images per prompt (or unconditional images).")
     p.add_argument("--steps", type=positive_int, default=50, help="Sampler steps.")
@@ -95,6 +99,14 @@ def parse_generate_args(argv) -> argparse.Namespace:
     check_model_path(p, "--model", a.model)
     if a.prompt and a.class_labels is not None:
         p.error("pass prompts (for a text-to-image model) or --class_labels (for a class-conditional one), not both.")
+    for flag, path in (("--image", a.image), ("--mask_image", a.mask_image)):
+        if path is not None and not Path(path).is_file():
+            p.error(f"{flag} {path}: no such file.")
+    if a.mask_image is not None and a.image is None:
+        p.error("--mask_image needs --image (the image whose masked part is filled in).")
+    if a.image is not None and (a.prompt or a.class_labels is not None):
+        p.error("--image is the input of a super-resolution or inpainting model; it does not combine with prompts or "
+                "--class_labels.")
     if a.negative_prompt is not None and not a.prompt:
         p.error("--negative_prompt needs prompts: it is the text-to-image model's unconditional input.")
     out = Path(a.out)
@@ -125,7 +137,7 @@ def check_generate_args(p: argparse.ArgumentParser, a: argparse.Namespace, pipe)
             p.error(f"--class_labels {' '.join(map(str, bad))}: this model knows class ids 0..{known - 1}.")
     if a.prompt and pipe.text_encoder is None:
         p.error(f"prompts need a text-to-image model; {a.model} has no text_encoder.")
-    if not a.prompt and a.class_labels is None:
+    if not a.prompt and a.class_labels is None and a.image is None:
         try:
             pipe.select_mode({})
         except ValueError as err:
@@ -148,7 +160,14 @@ def _generate(argv):
         inputs = {"prompt": a.prompt, "negative_prompt": None if a.negative_prompt is None else [a.negative_prompt] * len(a.prompt)}
     elif a.class_labels is not None:
         inputs = {"class_labels": a.class_labels}
-    guidance = a.guidance_scale if inputs else 1.0
+    guidance = a.guidance_scale if inputs else 1.0  # prompts and classes have a null input to guide against
+    if a.image is not None:
+        from PIL import Image
+
+        inputs = {"image": Image.open(a.image).convert("RGB")}
+        if a.mask_image is not None:
+            inputs["mask_image"] = Image.open(a.mask_image).convert("L")
+        guidance = 1.0
     start = time.perf_counter()
     images = pipe(**inputs, num_images_per_prompt=a.batch if inputs else 1, batch_size=a.batch, num_inference_steps=a.steps,
                   guidance_scale=guidance, eta=a.eta, height=a.height, width=a.width,

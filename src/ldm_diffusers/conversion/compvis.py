@@ -90,6 +90,9 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     encoders = {}
     if cond_stage == "__is_unconditional__":
         pass
+    elif (isinstance(cond_stage, dict) and cond_stage.get("target") == "torch.nn.Identity"
+          and params.get("conditioning_key", "concat" if params.get("concat_mode", True) else None) == "concat"):
+        pass  # super-resolution (bsr_sr): the low-resolution image itself is concatenated to z_t
     elif isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.ClassEmbedder":
         encoders["class_embedder"] = convert_class_embedder(state, cond_stage.get("params") or {})
     elif (isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.BERTEmbedder"
