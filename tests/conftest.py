@@ -54,6 +54,15 @@ def tiny_vq(f: int = 4, **kwargs):
 
 
 @pytest.fixture(scope="session")
+def stage1(tmp_path_factory):
+    """A saved tiny KL-f4 autoencoder (random weights, seed 0) for stage-2 training tests."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("stage1") / "kl-f4"
+    tiny_kl(4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def emoji16(tmp_path_factory):
     """The real built-in dataset at 16x16 (renders in a few seconds)."""
     from ldm_diffusers.data import build_emoji_dataset

@@ -22,16 +22,6 @@ def ctx():
     return kill9.context()
 
 
-@pytest.fixture(scope="module")
-def stage1_folder(tmp_path_factory):
-    from conftest import tiny_kl
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("stage1") / "kl-f4"
-    tiny_kl(4).save_pretrained(path)
-    return path
-
-
 def weights(out, loop):
     files = [out / "diffusion_pytorch_model.safetensors"] if loop == "stage1" else sorted(out.glob("*/*.safetensors"))
     assert files
@@ -70,9 +60,9 @@ def chaos(ctx, loop, argv, tmp_path, seed, cache=False):
     return ref_out, out, kills
 
 
-def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1_folder, emoji16_tiny, tmp_path):
+def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1, emoji16_tiny, tmp_path):
     argv = [
-        "--pretrained_vae_model_name_or_path", str(stage1_folder), "--train_data_dir", str(emoji16_tiny),
+        "--pretrained_vae_model_name_or_path", str(stage1), "--train_data_dir", str(emoji16_tiny),
         "--resolution", "16", "--unet_base_channels", "16", "--unet_channel_multipliers", "1", "2",
         "--norm_num_groups", "8", "--attention_head_dim", "8", "--context_dim", "32", "--text_encoder_layers", "1", "--text_encoder_heads", "2",
         "--max_prompt_length", "8", "--train_batch_size", "2", "--max_train_samples", "6", "--max_train_steps", "16",

@@ -20,16 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    from conftest import tiny_kl
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("stage1") / "kl-f4"
-    tiny_kl(4).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def scenes16(tmp_path_factory):
     from ldm_diffusers.data import build_scene_dataset
 
