@@ -188,6 +188,25 @@ def test_convert_command_writes_a_loadable_folder_with_a_model_card(checkpoints,
     assert not list(tmp_path.glob(".*"))  # written aside, then renamed
 
 
+def test_convert_command_writes_a_pipeline_folder(checkpoints, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from ldm_diffusers import LDMPipeline
+    from ldm_diffusers.cli import main
+
+    main(["convert", str(checkpoints / "cin256-v2.ckpt"), "--config", str(FIXTURES / "cin256-v2" / "config.yaml"),
+          "--output_dir", str(tmp_path / "cin")])
+    loaded = LDMPipeline.from_pretrained(tmp_path / "cin")
+    converted = convert_compvis_checkpoint(checkpoints / "cin256-v2.ckpt", FIXTURES / "cin256-v2" / "config.yaml")
+    for name in ("unet", "vae", "class_embedder"):
+        ours = getattr(loaded, name).state_dict()
+        for key, value in getattr(converted, name).state_dict().items():
+            assert torch.equal(ours[key], value), (name, key)
+    card = ModelCard.load(tmp_path / "cin" / "README.md")
+    assert card.data.pipeline_tag == "unconditional-image-generation" and "converted" in card.data.tags
+    assert "cin256-v2.ckpt" in card.text and "class labels" in card.text and "EMA copy" in card.text
+
+
 def _assert_matches(ours: torch.Tensor, ref: dict, key: str) -> float:
     assert ours.shape == ref[key].shape, key
     error = (ours - ref[key]).abs().max().item()

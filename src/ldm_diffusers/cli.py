@@ -218,8 +218,9 @@ def _convert(argv):
     p = argparse.ArgumentParser(
         prog="ldm-diffusers convert",
         description="Convert a released CompVis latent-diffusion checkpoint (.ckpt, read without running its pickle, "
-        "or .safetensors) and its YAML config into a folder that from_pretrained loads. First-stage autoencoders "
-        "(models/first_stage_models/*) are supported so far.",
+        "or .safetensors) and its YAML config into a folder that from_pretrained loads: a first-stage autoencoder "
+        "(models/first_stage_models/*) or an LDMPipeline (unconditional, class, text and super-resolution models so "
+        "far).",
     )
     p.add_argument("checkpoint", help="The .ckpt / .safetensors file.")
     p.add_argument("--config", required=True, help="The config.yaml released with it (read as data only).")
@@ -239,8 +240,7 @@ def _convert(argv):
         model = convert_compvis_checkpoint(a.checkpoint, a.config, use_ema=not a.no_ema)
     except NotImplementedError as err:
         p.error(str(err))
-    out = save_converted(model, a.output_dir, a.checkpoint, a.config, weights="first stage (loss.* dropped)",
-                         dtype=getattr(torch, a.dtype))
+    out = save_converted(model, a.output_dir, a.checkpoint, a.config, use_ema=not a.no_ema, dtype=getattr(torch, a.dtype))
     print(f"wrote {type(model).__name__} to {out}")
 
 

@@ -34,6 +34,17 @@ def read_compvis_config(path: str | os.PathLike) -> dict:
     return config
 
 
+def load_exactly(model, weights: dict, part: str):
+    """``model`` (in eval mode) with ``weights`` loaded, every parameter and buffer and nothing else."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The checkpoint's {part} does not fit its config: missing {sorted(missing)[:8]}, unexpected "
+            f"{sorted(unexpected)[:8]}. Is this the config that came with the checkpoint?"
+        )
+    return model.eval()
+
+
 def convert_first_stage(state: dict, params: dict, prefix: str = ""):
     """An ``LDMAutoencoderKL`` / ``LDMVQModel`` with the CompVis first-stage weights under ``prefix`` in ``state``."""
     from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel
@@ -42,13 +53,7 @@ def convert_first_stage(state: dict, params: dict, prefix: str = ""):
     model = (LDMVQModel if kind == "vq" else LDMAutoencoderKL)(**config)
     own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     weights = convert_first_stage_state_dict(own, len(config["block_out_channels"]))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"The checkpoint's first stage does not fit its config: missing {sorted(missing)[:8]}, unexpected "
-            f"{sorted(unexpected)[:8]}. Is this the config that came with the checkpoint?"
-        )
-    return model.eval()
+    return load_exactly(model, weights, "first stage")
 
 
 # Buffers of CompVis' LatentDiffusion that the scheduler recomputes from linear_start / linear_end.
@@ -115,17 +120,14 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     kind, config = unet_config(unet_params)
     unet = (LDMUNet2DConditionModel if kind == "cross" else UNet2DModel)(**config)
     weights = convert_unet_state_dict(unet_weights(state, use_ema), unet_params, cross=kind == "cross")
-    missing, unexpected = unet.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"The checkpoint's UNet does not fit its config: missing {sorted(missing)[:8]}, "
-                              f"unexpected {sorted(unexpected)[:8]}.")
+    load_exactly(unet, weights, "UNet")
     placed = ("model.diffusion_model.", "model_ema.", "first_stage_model.") + (("cond_stage_model.",) if encoders else ())
     left = sorted(k for k in state if not k.startswith(placed) and k not in SCHEDULE_BUFFERS)
     if left:
         raise CheckpointError(f"Keys of the checkpoint that no part of this model takes: {left[:8]}.")
     scheduler = compvis_ddim_scheduler(params.get("linear_start", 0.0015), params.get("linear_end", 0.0195),
                                        params.get("timesteps", 1000))
-    return LDMPipeline(vae=vae, unet=unet.eval(), scheduler=scheduler, **encoders)
+    return LDMPipeline(vae=vae, unet=unet, scheduler=scheduler, **encoders)
 
 
 def convert_bert_embedder(state: dict, params: dict):
@@ -153,11 +155,7 @@ def convert_bert_embedder(state: dict, params: dict):
     unknown = sorted(set(own) - set(names))
     if unknown:
         raise CheckpointError(f"Unknown BERTEmbedder keys {unknown[:6]}: not the CompVis text encoder layout.")
-    model = LDMBertModel(config)
-    missing, unexpected = model.load_state_dict({names[k]: v for k, v in own.items()}, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"BERTEmbedder weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}.")
-    return model.eval()
+    return load_exactly(LDMBertModel(config), {names[k]: v for k, v in own.items()}, "BERTEmbedder")
 
 
 def convert_class_embedder(state: dict, params: dict):
@@ -173,31 +171,45 @@ def convert_class_embedder(state: dict, params: dict):
     return embedder.eval()
 
 
-def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config_path, weights: str,
+def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config_path, use_ema: bool = True,
                    dtype=None) -> Path:
-    """``save_pretrained`` of a converted model into ``output_dir`` (written aside, then renamed into place),
-    with a model card naming the source checkpoint (and its sha256), the config, the paper and which of the
-    checkpoint's ``weights`` were taken (e.g. "EMA")."""
+    """``save_pretrained`` of a converted autoencoder or ``LDMPipeline`` into ``output_dir`` (written aside, then
+    renamed into place), with a model card naming the source checkpoint (and its sha256), the config, the paper and
+    which of the checkpoint's weights were taken."""
     import hashlib
 
     import torch
+    from diffusers import DiffusionPipeline
 
     from ..utils.checkpoints import atomic_directory, publish_directory
-    from ..utils.model_cards import component_model_card
+    from ..utils.model_cards import _render_card, component_model_card
 
     output_dir = Path(output_dir)
     digest = hashlib.sha256()
     with open(checkpoint_path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
             digest.update(block)
-    target = read_compvis_config(config_path)["model"]["target"]
+    source = dict(checkpoint=Path(checkpoint_path).name, sha256=digest.hexdigest(), config=Path(config_path).name,
+                  target=read_compvis_config(config_path)["model"]["target"], license="mit")
     tmp = atomic_directory(output_dir)
     model.to(dtype or torch.float32).save_pretrained(tmp, safe_serialization=True)
-    component_model_card(
-        model, output_dir.name, template="converted.md", extra_tags=("compvis", "converted"), license="mit",
-        checkpoint=Path(checkpoint_path).name, sha256=digest.hexdigest(), config=Path(config_path).name,
-        target=target, weights=weights,
-    ).save(tmp / "README.md")
+    if isinstance(model, DiffusionPipeline):
+        from ..hub import pipeline_task
+
+        conditioning, tag, _ = pipeline_task(model)
+        parts = [(name, type(part).__name__) for name, part in model.components.items() if part is not None]
+        card = _render_card(
+            "converted.md", output_dir.name, pipeline_tag=tag, tags=["compvis", "converted", "diffusers:LDMPipeline"],
+            description=f"A latent diffusion model conditioned on {conditioning}.", class_name=type(model).__name__,
+            base_class="DiffusionPipeline", details=parts,
+            parameters=f"{sum(p.numel() for m in model.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()) / 1e6:.1f}M",
+            weights="the EMA copy of eps_theta (model_ema.*) where the checkpoint has one, else the training weights"
+            if use_ema else "the training weights of eps_theta (model.*), not the EMA copy", **source,
+        )
+    else:
+        card = component_model_card(model, output_dir.name, template="converted.md", extra_tags=("compvis", "converted"),
+                                    weights="the autoencoder's (training-only loss.* dropped)", **source)
+    card.save(tmp / "README.md")
     publish_directory(tmp, output_dir)
     return output_dir
 
