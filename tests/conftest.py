@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,25 @@ def writable_hub(hub_write_server, tmp_path, monkeypatch):
     _point_huggingface_hub_at(hub_write_server.endpoint, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     return hub_write_server
+
+
+COMPVIS_FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
+
+
+@pytest.fixture(scope="session")
+def compvis_checkpoints(tmp_path_factory):
+    """model.ckpt of every CompVis fixture (tests/fixtures/compvis), written by the fixtures' own materialize.py in
+    two subprocesses (one per core; it registers a stand-in Lightning module to pickle the callback, which this
+    process must not see). Returns the folder holding <name>.ckpt."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("compvis")
+    names = sorted(p.name for p in COMPVIS_FIXTURES.iterdir() if (p / "meta.json").is_file())
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import materialize\n"
+            "for name in sys.argv[3:]: materialize.materialize(f'{sys.argv[1]}/{name}', f'{sys.argv[2]}/{name}.ckpt')")
+    workers = [subprocess.Popen([sys.executable, "-c", code, str(COMPVIS_FIXTURES), str(out), *names[i::2]])
+               for i in range(2)]
+    assert [w.wait(timeout=900) for w in workers] == [0, 0]
+    assert "pytorch_lightning" not in sys.modules
+    return out

@@ -40,18 +40,9 @@ def tolerance(reference: torch.Tensor) -> float:
     return 1e-3 * max(1.0, reference.abs().max().item())
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """model.ckpt of every autoencoder fixture, written by the fixtures' own materialize.py in a subprocess (it
-    registers a stand-in Lightning module to pickle the callback; this process must not see it)."""
-    out = tmp_path_factory.mktemp("compvis")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import materialize\n"
-            "for name in sys.argv[3:]: materialize.materialize(f'{sys.argv[1]}/{name}', f'{sys.argv[2]}/{name}.ckpt')")
-    names = AUTOENCODERS + CONVERTED_LDMS
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(FIXTURES), str(out), *names[i::2]]) for i in range(2)]
-    assert [w.wait(timeout=600) for w in workers] == [0, 0]  # two at a time: one per core
-    assert "pytorch_lightning" not in sys.modules
-    return out
+@pytest.fixture
+def checkpoints(compvis_checkpoints):
+    return compvis_checkpoints
 
 
 def test_all_22_fixtures_are_here():
