@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm_diffusers import LDMAutoencoderKL, LDMVQModel
+from ldm_diffusers.conditioning import InpaintingMode, SegmentationMode
 from ldm_diffusers.conversion import (
     CheckpointError,
     Placeholder,
@@ -28,10 +29,9 @@ from ldm_diffusers.conversion.first_stage import first_stage_key
 FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 AUTOENCODERS = ["kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f8-n256", "vq-f16"]
-# LatentDiffusion fixtures converted so far: unconditional, class-conditional, text-to-image and super-resolution
-# (layout, inpainting, semantic synthesis, and UNets with resblock_updown / per-level head widths, are issue 13's remaining work)
-CONVERTED_LDMS = ["celeba256", "ffhq256", "lsun_beds256", "cin256", "cin256-v2", "text2img256", "txt2img-1p4B-eval",
-                  "bsr_sr"]
+LDMS = ["celeba256", "ffhq256", "lsun_beds256", "lsun_churches256", "cin256", "cin256-v2", "text2img256",
+        "txt2img-1p4B-eval", "layout2img-openimages256", "bsr_sr", "inpainting_big", "semantic_synthesis256",
+        "semantic_synthesis512"]
 ALL = sorted(p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file())
 
 
@@ -215,6 +215,21 @@ def _inputs(pipe, name: str, ref: dict) -> tuple[dict, torch.Tensor | None]:
         images = [Image.fromarray(a.numpy()) for a in ref["cond.lr_image_u8"]]
         _assert_matches(image_tensor(images), ref, "cond.concat")
         return {"image": images}, None
+    if "cond.mask_u8" in ref:  # inpainting: uint8 image and mask (255 = fill) -> [E(masked image), mask]
+        from PIL import Image
+
+        values = {"image": [Image.fromarray(a.numpy()) for a in ref["cond.image_u8"]],
+                  "mask_image": [Image.fromarray(a.numpy()) for a in ref["cond.mask_u8"]]}
+        _assert_matches(InpaintingMode().condition(pipe, values, None).concat, ref, "cond.concat")
+        return values, None
+    if "cond.segmentation_labels" in ref:  # one-hot label maps through the SpatialRescaler
+        values = {"segmentation_map": ref["cond.segmentation_labels"]}
+        _assert_matches(SegmentationMode().condition(pipe, values, ref["cond.concat"].shape[-2:]).concat, ref, "cond.concat")
+        return values, None
+    if "cond.token_ids" in ref and pipe.layout_encoder is not None:  # layouts as taming's bounding-box tokens
+        layouts = json.loads((FIXTURES / name / "meta.json").read_text())["pipeline_inputs"]["layout"]
+        assert torch.equal(pipe.layout_encoder.tokenize(layouts), ref["cond.token_ids"])
+        return {"layout": layouts}, pipe.layout_encoder(layouts)
     if "cond.class_labels" in ref:
         return {"class_labels": ref["cond.class_labels"]}, pipe.class_embedder(ref["cond.class_labels"])
     if "cond.token_ids" in ref:
@@ -228,7 +243,7 @@ def _inputs(pipe, name: str, ref: dict) -> tuple[dict, torch.Tensor | None]:
     return {}, None
 
 
-@pytest.mark.parametrize("name", CONVERTED_LDMS)
+@pytest.mark.parametrize("name", LDMS)
 def test_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_path):
     """The condition's tokens and tau_theta of it, eps_theta at two timesteps (EMA weights where there are any),
     10-step DDIM from the same x_T with and without guidance, PLMS with guidance (text models), celeba256's 7 steps
@@ -274,10 +289,9 @@ def test_latent_diffusion_models_match_the_original_code(name, checkpoints, tmp_
     assert torch.equal(again, sample)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if n not in AUTOENCODERS + ["inpainting_big", "lsun_churches256"]])
+@pytest.mark.parametrize("name", [n for n in ALL if n not in AUTOENCODERS])
 def test_every_real_width_unet_key_is_mapped(name):
-    """The released UNets' keys (keys_real_width.json) all find a place; inpainting_big and lsun_churches256
-    (resblock_updown, per-level head widths) are not converted yet."""
+    """The released UNets' keys (keys_real_width.json) all find a place, and fill every weight of the UNet."""
     from ldm_diffusers.conversion.compvis import read_compvis_config
     from ldm_diffusers.conversion.unet import convert_unet_state_dict, unet_config
 
@@ -289,14 +303,10 @@ def test_every_real_width_unet_key_is_mapped(name):
     params = dict(params, model_channels=shapes["input_blocks.0.0.weight"].shape[0])
     if "context_dim" in params:
         params["context_dim"] = next(v.shape[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight"))
-    kind, config = unet_config(params)
-    mapped = convert_unet_state_dict(shapes, params, cross=kind == "cross")
-    from diffusers import UNet2DModel
-
-    from ldm_diffusers import LDMUNet2DConditionModel
-
+    unet_class, config = unet_config(params)
+    mapped = convert_unet_state_dict(shapes, params)
     with torch.device("meta"):
-        model = (LDMUNet2DConditionModel if kind == "cross" else UNet2DModel)(**config)
+        model = unet_class(**config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
 

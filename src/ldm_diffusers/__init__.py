@@ -10,13 +10,14 @@ from .models import (
     KLAutoencoderOutput,
     LDMAutoencoderKL,
     LDMUNet2DConditionModel,
+    LDMUNet2DModel,
     LDMVQModel,
     VQAutoencoderOutput,
     VQQuantizerOutput,
     estimate_scaling_factor,
     load_autoencoder,
 )
-from .conditioning import ClassEmbedder, LayoutEncoder
+from .conditioning import ClassEmbedder, LayoutBERTEncoder, LayoutEncoder, SpatialRescaler
 from .pipelines import LDMPipeline
 from .schedulers import CompVisDDIMScheduler, ldm_scheduler, switch_sampler
 
@@ -24,8 +25,11 @@ __all__ = [
     "ClassEmbedder",
     "CompVisDDIMScheduler",
     "LDMPipeline",
+    "LayoutBERTEncoder",
     "LayoutEncoder",
+    "SpatialRescaler",
     "LDMUNet2DConditionModel",
+    "LDMUNet2DModel",
     "ldm_scheduler",
     "switch_sampler",
     "KLAutoencoderOutput",

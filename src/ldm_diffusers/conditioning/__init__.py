@@ -6,8 +6,8 @@ lists them in the order the pipeline and the training loop consult them.
 
 from .base import Conditioning, ConditioningMode, TrainingColumns
 from .class_label import ClassEmbedder, ClassMode
-from .layout import LayoutEncoder, LayoutMode
-from .spatial import InpaintingMode, SegmentationMode, SuperResolutionMode
+from .layout import LayoutBERTEncoder, LayoutEncoder, LayoutMode
+from .spatial import InpaintingMode, SegmentationMode, SpatialRescaler, SuperResolutionMode
 from .text import (
     TextMode,
     bert_tokenizer,
@@ -34,9 +34,11 @@ __all__ = [
     "Conditioning",
     "ConditioningMode",
     "InpaintingMode",
+    "LayoutBERTEncoder",
     "LayoutEncoder",
     "LayoutMode",
     "SegmentationMode",
+    "SpatialRescaler",
     "SuperResolutionMode",
     "TextMode",
     "TrainingColumns",

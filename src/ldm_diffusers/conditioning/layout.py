@@ -22,6 +22,35 @@ Box = tuple[float, float, float, float]
 Layout = Sequence[tuple[int, Box]]
 
 
+def check_layouts(layouts: Sequence[Layout], num_classes: int, max_objects: int) -> list[list[tuple[int, Box]]]:
+    """The layouts as lists of ``(class_id, (x0, y0, x1, y1))`` with int ids and float coordinates, or a
+    ``TypeError`` / ``ValueError`` naming the bad entry and what is accepted."""
+    checked = []
+    for layout in layouts:
+        if not isinstance(layout, (list, tuple)):
+            raise TypeError(f"A layout is a list of (class_id, (x0, y0, x1, y1)); got {layout!r:.60}.")
+        if len(layout) > max_objects:
+            raise ValueError(f"A layout has {len(layout)} objects; this encoder takes at most {max_objects}.")
+        objects = []
+        for obj in layout:
+            try:
+                class_id, box = obj
+                x0, y0, x1, y1 = (float(v) for v in box)
+                if isinstance(class_id, bool) or int(class_id) != class_id:
+                    raise TypeError("class ids are integers")
+            except (TypeError, ValueError, OverflowError) as err:
+                raise ValueError(f"Layout entries are (class_id, (x0, y0, x1, y1)) with an integer class id; "
+                                 f"got {obj!r:.80}.") from err
+            if not 0 <= int(class_id) < num_classes:
+                raise ValueError(f"Unknown layout class id {class_id}: this model knows 0..{num_classes - 1}.")
+            if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
+                raise ValueError(f"Layout box {tuple(box)} must satisfy 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 "
+                                 "(coordinates are fractions of the width and height, x0 <= x1 and y0 <= y1).")
+            objects.append((int(class_id), (x0, y0, x1, y1)))
+        checked.append(objects)
+    return checked
+
+
 class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
     """Layouts -> tokens [B, max_objects, context_dim]. A layout is a list of ``(class_id, (x0, y0, x1, y1))``
     with coordinates in [0, 1] (x to the right, y down) and ``x0 <= x1``, ``y0 <= y1``."""
@@ -55,27 +84,10 @@ class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
         cfg = self.config
         classes = torch.full((len(layouts), cfg.max_objects), self.pad_class, dtype=torch.long)
         boxes = torch.zeros(len(layouts), cfg.max_objects, 4)
-        for b, layout in enumerate(layouts):
-            if not isinstance(layout, (list, tuple)):
-                raise TypeError(f"A layout is a list of (class_id, (x0, y0, x1, y1)); got {layout!r:.60}.")
-            if len(layout) > cfg.max_objects:
-                raise ValueError(f"A layout has {len(layout)} objects; this encoder takes at most {cfg.max_objects}.")
-            for i, obj in enumerate(layout):
-                try:
-                    class_id, box = obj
-                    x0, y0, x1, y1 = (float(v) for v in box)
-                    if isinstance(class_id, bool) or int(class_id) != class_id:
-                        raise TypeError("class ids are integers")
-                except (TypeError, ValueError, OverflowError) as err:
-                    raise ValueError(f"Layout entries are (class_id, (x0, y0, x1, y1)) with an integer class id; "
-                                     f"got {obj!r:.80}.") from err
-                if not 0 <= int(class_id) < cfg.num_classes:
-                    raise ValueError(f"Unknown layout class id {class_id}: this model knows 0..{cfg.num_classes - 1}.")
-                if not (0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
-                    raise ValueError(f"Layout box {tuple(box)} must satisfy 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1 "
-                                     "(coordinates are fractions of the width and height, x0 <= x1 and y0 <= y1).")
-                classes[b, i] = int(class_id)
-                boxes[b, i] = torch.tensor([x0, y0, x1, y1])
+        for b, layout in enumerate(check_layouts(layouts, cfg.num_classes, cfg.max_objects)):
+            for i, (class_id, box) in enumerate(layout):
+                classes[b, i] = class_id
+                boxes[b, i] = torch.tensor(box)
         bins = (boxes * (cfg.num_bins - 1)).round().long()
         return classes, bins
 
@@ -97,6 +109,58 @@ class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
         return ((f"The layout encoder tau_theta: up to {config.max_objects} (class, box) pairs -> tokens "
                  f"[B, L, {config.context_dim}] for cross-attention."),
                 ["conditioning", "layout-to-image"], None, [("object classes", config.num_classes)])
+
+
+class LayoutBERTEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
+    """The paper's layout-to-image tau_theta (CompVis layout2img-openimages256): a layout becomes a sequence of
+    ``3 * max_objects + 2`` tokens over one vocabulary of ``vocab_size`` ids, as taming-transformers'
+    objects/bounding-box builder writes it, and a BERT-like transformer (diffusers' ``LDMBertModel``, CompVis'
+    BERTEmbedder) maps them to tokens [B, 3 * max_objects + 2, d_model] for cross-attention.
+
+    Per object ``(class_id, corner(x0, y0), corner(x1, y1))`` with ``corner(x, y) = round(y * (g - 1)) * g +
+    round(x * (g - 1))`` on a ``g = int(sqrt(vocab_size))`` grid (Python's round, half to even); unused slots are
+    ``vocab_size - 1`` three times; then the crop's two corners, (0, 0) and (1, 1) for the whole image. Objects keep
+    the caller's order (taming shuffles them while training). Layouts are as :class:`LayoutEncoder` takes them.
+    The released model was trained without a null layout, so it has no classifier-free guidance."""
+
+    @register_to_config
+    def __init__(self, vocab_size: int = 8192, max_objects: int = 30, num_classes: int = 601, d_model: int = 1280,
+                 num_layers: int = 32):
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+
+        super().__init__()
+        if num_classes >= vocab_size:
+            raise ValueError(f"num_classes={num_classes} must be below vocab_size={vocab_size}: class ids and "
+                             "box corners share one vocabulary.")
+        self.transformer = LDMBertModel(LDMBertConfig(
+            vocab_size=vocab_size, d_model=d_model, encoder_layers=num_layers, encoder_ffn_dim=4 * d_model,
+            encoder_attention_heads=8, head_dim=64, max_position_embeddings=3 * max_objects + 2, dropout=0.0))
+
+    def corner(self, x: float, y: float) -> int:
+        grid = int(self.config.vocab_size ** 0.5)
+        return round(y * (grid - 1)) * grid + round(x * (grid - 1))
+
+    def tokenize(self, layouts: Sequence[Layout]) -> torch.Tensor:
+        """Token ids [B, 3 * max_objects + 2], with validation."""
+        cfg = self.config
+        empty = [cfg.vocab_size - 1] * 3
+        rows = []
+        for layout in check_layouts(layouts, cfg.num_classes, cfg.max_objects):
+            row = [t for class_id, (x0, y0, x1, y1) in layout for t in (class_id, self.corner(x0, y0), self.corner(x1, y1))]
+            rows.append(row + empty * (cfg.max_objects - len(layout)) + [self.corner(0, 0), self.corner(1, 1)])
+        return torch.tensor(rows, dtype=torch.long)
+
+    def forward(self, layouts: Sequence[Layout]) -> torch.Tensor:
+        ids = self.tokenize(layouts).to(self.transformer.device)
+        return self.transformer(ids, return_dict=False)[0]
+
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this encoder's model card."""
+        c = self.config
+        return (f"The layout encoder tau_theta: up to {c.max_objects} (class, box) pairs -> {3 * c.max_objects + 2} "
+                f"tokens over {c.vocab_size} ids -> a {c.num_layers}-layer transformer -> [B, L, {c.d_model}] for "
+                "cross-attention.", ["conditioning", "layout-to-image"], None,
+                [("object classes", c.num_classes), ("vocabulary", c.vocab_size)])
 
 
 def as_layout_batch(layout) -> list:
@@ -130,6 +194,9 @@ class LayoutMode(ConditioningMode):
         return Conditioning(context=pipe.layout_encoder(as_layout_batch(values["layout"])))
 
     def null_values(self, pipe, values):
+        """Empty layouts, where the encoder was trained with them as the null input (not CompVis' layout model)."""
+        if not hasattr(pipe.layout_encoder, "null"):
+            return None
         return {"layout": [[] for _ in as_layout_batch(values["layout"])]}
 
     def dataset_columns(self, columns):

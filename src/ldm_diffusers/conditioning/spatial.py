@@ -4,7 +4,8 @@
   times larger (CompVis LDM-SR with f=4 upsamples by 4);
 * inpainting: the stage-1 encoding of the masked image plus the mask resized to the latent size
   (mask 1 = region to fill, as in diffusers);
-* semantic synthesis: the one-hot segmentation map resized (nearest) to the latent size.
+* semantic synthesis: the one-hot segmentation map, resized (nearest) to the latent size, or through a learned
+  ``SpatialRescaler`` (CompVis' semantic synthesis models: bilinear halvings, then a 1x1 convolution).
 
 None of them has an unconditional version, so classifier-free guidance does not apply.
 """
@@ -13,9 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
 
+from ..utils.model_cards import CardDetails, ComponentCardMixin
 from .base import Conditioning, ConditioningMode, shown
 
 _images = VaeImageProcessor(do_resize=False)
@@ -147,7 +152,8 @@ class SuperResolutionMode(ConditioningMode):
 
 
 class InpaintingMode(ConditioningMode):
-    """``image`` + ``mask_image``: concat [E(image * (1 - mask)) * scale, mask at the latent size]."""
+    """``image`` + ``mask_image``: concat [E(masked image) * scale, mask at the latent size], the masked image with
+    its holes black and the mask channel in {-1 (keep), 1 (fill)}, as CompVis' inpainting model was trained."""
 
     kind = "concat"
     name = "inpainting"
@@ -202,18 +208,20 @@ class InpaintingMode(ConditioningMode):
         if mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"Got {mask.shape[0]} masks for {image.shape[0]} images.")
         device, dtype = pipe._execution_device, pipe.vae.dtype
-        masked = (image * (1 - mask)).to(device, dtype)
+        # as CompVis' scripts/inpaint.py builds it: the holes black (-1), the mask as -1 (keep) / 1 (fill)
+        masked = ((image + 1) / 2 * (1 - mask) * 2 - 1).to(device, dtype)
         encoded = pipe.vae.encode(masked)
         latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
         latents = latents * latent_scaling_factor(pipe.vae)
-        small_mask = F.interpolate(mask.to(device, latents.dtype), size=latents.shape[-2:], mode="nearest")
+        small_mask = F.interpolate(mask.to(device, latents.dtype) * 2 - 1, size=latents.shape[-2:], mode="nearest")
         small_mask = small_mask.expand(latents.shape[0], -1, -1, -1)
         return Conditioning(concat=torch.cat([latents, small_mask], dim=1))
 
 
 class SegmentationMode(ConditioningMode):
-    """``segmentation_map``: class ids [B, H, W] (tensor, array or PIL 'L'/'P' image) -> one-hot at the
-    latent size; the number of classes is the UNet's number of concatenated channels."""
+    """``segmentation_map``: class ids [B, H, W] (tensor, array or PIL 'L'/'P' image) -> one-hot, then either the
+    pipeline's ``segmentation_encoder`` (a :class:`SpatialRescaler`; its input channels are the classes) or a nearest
+    resize to the latent size (the classes are the UNet's concatenated channels)."""
 
     kind = "concat"
     name = "segmentation"
@@ -243,8 +251,13 @@ class SegmentationMode(ConditioningMode):
         self._check_range(ids, pipe)
 
     @staticmethod
+    def num_classes(pipe) -> int:
+        encoder = getattr(pipe, "segmentation_encoder", None)
+        return encoder.config.in_channels if encoder is not None else pipe.unet.config.in_channels - pipe.unet.config.out_channels
+
+    @staticmethod
     def _check_range(ids, pipe):
-        num_classes = pipe.unet.config.in_channels - pipe.unet.config.out_channels
+        num_classes = SegmentationMode.num_classes(pipe)
         if ids.min() < 0 or ids.max() >= num_classes:
             raise ValueError(f"segmentation_map holds class ids {ids.min().item()}..{ids.max().item()}; "
                              f"this model knows 0..{num_classes - 1}.")
@@ -257,8 +270,41 @@ class SegmentationMode(ConditioningMode):
 
     def condition(self, pipe, values, latent_size):
         ids = self._ids(values["segmentation_map"])
-        num_classes = pipe.unet.config.in_channels - pipe.unet.config.out_channels
         self._check_range(ids, pipe)
-        one_hot = F.one_hot(ids, num_classes).permute(0, 3, 1, 2).float()
-        small = F.interpolate(one_hot, size=latent_size, mode="nearest")
-        return Conditioning(concat=small.to(pipe._execution_device))
+        one_hot = F.one_hot(ids, self.num_classes(pipe)).permute(0, 3, 1, 2).float().to(pipe._execution_device)
+        encoder = getattr(pipe, "segmentation_encoder", None)
+        if encoder is None:
+            return Conditioning(concat=F.interpolate(one_hot, size=latent_size, mode="nearest"))
+        concat = encoder(one_hot.to(encoder.dtype))
+        if tuple(concat.shape[-2:]) != tuple(latent_size):
+            raise ValueError(f"The segmentation encoder turns a {ids.shape[-2]}x{ids.shape[-1]} map into "
+                             f"{concat.shape[-2]}x{concat.shape[-1]}, but the latents are {latent_size[0]}x{latent_size[1]}: "
+                             f"pass a map of the output image's size.")
+        return Conditioning(concat=concat)
+
+
+class SpatialRescaler(ComponentCardMixin, ModelMixin, ConfigMixin):
+    """tau_theta of CompVis' semantic synthesis models: a one-hot map [B, in_channels, H, W] is resized ``n_stages``
+    times by ``multiplier`` (bilinear, one stage at a time, as CompVis does: two halvings differ from one quartering),
+    then mapped by a 1x1 convolution -> [B, out_channels, H * multiplier**n_stages, W * ...]."""
+
+    @register_to_config
+    def __init__(self, n_stages: int = 2, method: str = "bilinear", multiplier: float = 0.5, in_channels: int = 182,
+                 out_channels: int = 3, bias: bool = False):
+        super().__init__()
+        if method not in ("nearest", "linear", "bilinear", "trilinear", "bicubic", "area"):
+            raise ValueError(f"method '{method}' is not an interpolation mode of torch.nn.functional.interpolate.")
+        self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias) if out_channels is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.config.n_stages):
+            x = F.interpolate(x, scale_factor=self.config.multiplier, mode=self.config.method)
+        return x if self.channel_mapper is None else self.channel_mapper(x)
+
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this encoder's model card."""
+        c = self.config
+        return (f"The segmentation encoder tau_theta: one-hot maps [B, {c.in_channels}, H, W] -> "
+                f"[B, {c.out_channels}, H * {c.multiplier ** c.n_stages:g}, W * {c.multiplier ** c.n_stages:g}], "
+                "concatenated to z_t.", ["conditioning", "semantic-synthesis"], None,
+                [("classes", c.in_channels), ("resize stages", c.n_stages)])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from ..utils.checkpoints import CheckpointError
 from .checkpoint import load_checkpoint, state_dict_of
 from .first_stage import autoencoder_config, convert_first_stage_state_dict
@@ -84,44 +86,22 @@ def unet_weights(state: dict, use_ema: bool) -> dict:
 def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     """An ``LDMPipeline`` from a CompVis ``LatentDiffusion`` checkpoint: first stage with the LDM's scale factor
     (from the checkpoint when ``scale_by_std``, else the config, default 1.0), eps_theta, CompVis' DDIM."""
-    from diffusers import UNet2DModel
-
-    from ..models.unet import LDMUNet2DConditionModel
     from ..pipelines import LDMPipeline
     from ..schedulers import compvis_ddim_scheduler
     from .unet import convert_unet_state_dict, unet_config
 
-    cond_stage = params.get("cond_stage_config")
-    encoders = {}
-    if cond_stage == "__is_unconditional__":
-        pass
-    elif (isinstance(cond_stage, dict) and cond_stage.get("target") == "torch.nn.Identity"
-          and params.get("conditioning_key", "concat" if params.get("concat_mode", True) else None) == "concat"):
-        pass  # super-resolution (bsr_sr): the low-resolution image itself is concatenated to z_t
-    elif isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.ClassEmbedder":
-        encoders["class_embedder"] = convert_class_embedder(state, cond_stage.get("params") or {})
-    elif (isinstance(cond_stage, dict) and cond_stage.get("target") == "ldm.modules.encoders.modules.BERTEmbedder"
-          and (cond_stage.get("params") or {}).get("use_tokenizer", True)):
-        encoders["text_encoder"] = convert_bert_embedder(state, cond_stage.get("params") or {})
-        from ..conditioning import bert_tokenizer
-
-        encoders["tokenizer"] = bert_tokenizer()  # bert-base-uncased WordPiece, as CompVis' BERTTokenizer
-        encoders["tokenizer"].model_max_length = (cond_stage.get("params") or {}).get("max_seq_len", 77)
-    else:
-        target = cond_stage.get("target") if isinstance(cond_stage, dict) else cond_stage
-        raise NotImplementedError(f"The conditioning stage {target} is not converted yet (unconditional and "
-                                  "class-conditional LatentDiffusion checkpoints are).")
+    encoders = convert_cond_stage(state, params)
     if params.get("parameterization", "eps") != "eps":
         raise NotImplementedError(f"parameterization '{params['parameterization']}' is not supported (CompVis: eps).")
     vae = convert_first_stage(state, params["first_stage_config"]["params"], prefix="first_stage_model.")
     scale = float(state["scale_factor"]) if params.get("scale_by_std") else float(params.get("scale_factor", 1.0))
     vae.register_to_config(scaling_factor=scale)
     unet_params = params["unet_config"]["params"]
-    kind, config = unet_config(unet_params)
-    unet = (LDMUNet2DConditionModel if kind == "cross" else UNet2DModel)(**config)
-    weights = convert_unet_state_dict(unet_weights(state, use_ema), unet_params, cross=kind == "cross")
+    unet_class, config = unet_config(unet_params)
+    unet = unet_class(**config)
+    weights = convert_unet_state_dict(unet_weights(state, use_ema), unet_params)
     load_exactly(unet, weights, "UNet")
-    placed = ("model.diffusion_model.", "model_ema.", "first_stage_model.") + (("cond_stage_model.",) if encoders else ())
+    placed = ("model.diffusion_model.", "model_ema.", "first_stage_model.", "cond_stage_model.")
     left = sorted(k for k in state if not k.startswith(placed) and k not in SCHEDULE_BUFFERS)
     if left:
         raise CheckpointError(f"Keys of the checkpoint that no part of this model takes: {left[:8]}.")
@@ -130,18 +110,74 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     return LDMPipeline(vae=vae, unet=unet, scheduler=scheduler, **encoders)
 
 
+ENCODERS = "ldm.modules.encoders.modules."
+
+
+def convert_cond_stage(state: dict, params: dict) -> dict:
+    """The pipeline components of tau_theta (``cond_stage_config``), by what the config says it is:
+
+    * ``__is_unconditional__``; ``torch.nn.Identity`` with concat conditioning (super-resolution: the low-resolution
+      image itself); ``__is_first_stage__`` with concat (inpainting: the first stage encodes the masked image; the
+      checkpoint repeats its weights under ``cond_stage_model.``): no component;
+    * ``ClassEmbedder`` -> ``class_embedder``; ``BERTEmbedder`` with its tokenizer -> ``text_encoder`` + ``tokenizer``,
+      without (layouts) -> ``layout_encoder``; ``SpatialRescaler`` -> ``segmentation_encoder``."""
+    cond_stage = params.get("cond_stage_config")
+    target = cond_stage.get("target") if isinstance(cond_stage, dict) else cond_stage
+    cond_params = (cond_stage.get("params") if isinstance(cond_stage, dict) else None) or {}
+    concat = params.get("conditioning_key", "concat" if params.get("concat_mode", True) else None) == "concat"
+    if target == "__is_unconditional__" or (target == "torch.nn.Identity" and concat):
+        return {}
+    if target == "__is_first_stage__" and concat:
+        for key, value in state.items():
+            if key.startswith("cond_stage_model.") and not torch.equal(
+                    value, state.get("first_stage_model." + key[len("cond_stage_model."):], torch.empty(0))):
+                raise CheckpointError(f"'{key}' differs from the first stage's weight: a cond stage declared "
+                                      "__is_first_stage__ must be the first stage.")
+        return {}
+    if target == ENCODERS + "ClassEmbedder":
+        return {"class_embedder": convert_class_embedder(state, cond_params)}
+    if target == ENCODERS + "BERTEmbedder" and cond_params.get("use_tokenizer", True):
+        from ..conditioning import bert_tokenizer
+
+        tokenizer = bert_tokenizer()  # bert-base-uncased WordPiece, as CompVis' BERTTokenizer
+        tokenizer.model_max_length = cond_params.get("max_seq_len", 77)
+        return {"text_encoder": convert_bert_embedder(state, cond_params), "tokenizer": tokenizer}
+    if target == ENCODERS + "BERTEmbedder":
+        return {"layout_encoder": convert_layout_embedder(state, cond_params)}
+    if target == ENCODERS + "SpatialRescaler":
+        from ..conditioning import SpatialRescaler
+
+        rescaler = SpatialRescaler(**cond_params)
+        own = {k[len("cond_stage_model."):]: v for k, v in state.items() if k.startswith("cond_stage_model.")}
+        return {"segmentation_encoder": load_exactly(rescaler, own, "SpatialRescaler")}
+    raise NotImplementedError(f"The conditioning stage {target} (conditioning_key "
+                              f"{params.get('conditioning_key')}) is not one of the released CompVis models'.")
+
+
 def convert_bert_embedder(state: dict, params: dict):
     """CompVis' BERTEmbedder (an x-transformers encoder: token + learned absolute position embeddings, pre-norm
     layers of 8 heads x 64 whatever the width, GELU feed-forward 4 x width, final LayerNorm, no attention mask) as
     diffusers' ``LDMBertModel``, the same architecture diffusers uses for CompVis' text2im repository."""
-    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 
-    prefix = "cond_stage_model.transformer."
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    width, layers = params.get("n_embed", 1280), params.get("n_layer", 32)
-    config = LDMBertConfig(vocab_size=own["token_emb.weight"].shape[0], d_model=width, encoder_layers=layers,
-                           encoder_ffn_dim=4 * width, encoder_attention_heads=8, head_dim=64,
-                           max_position_embeddings=own["pos_emb.emb.weight"].shape[0], dropout=0.0)
+    return load_exactly(LDMBertModel(bert_embedder_config(state, params)), bert_embedder_weights(state, params),
+                        "BERTEmbedder")
+
+
+def bert_embedder_config(state: dict, params: dict):
+    """The ``LDMBertConfig`` of a checkpoint's BERTEmbedder (widths from its config, vocabulary and positions from
+    its embedding tables)."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+
+    width = params.get("n_embed", 1280)
+    return LDMBertConfig(vocab_size=state["cond_stage_model.transformer.token_emb.weight"].shape[0], d_model=width,
+                         encoder_layers=params.get("n_layer", 32), encoder_ffn_dim=4 * width, encoder_attention_heads=8,
+                         head_dim=64, dropout=0.0,
+                         max_position_embeddings=state["cond_stage_model.transformer.pos_emb.emb.weight"].shape[0])
+
+
+def bert_embedder_names(layers: int) -> dict[str, str]:
+    """BERTEmbedder weight names (below ``cond_stage_model.transformer.``) -> ``LDMBertModel``'s."""
     names = {"token_emb.weight": "model.embed_tokens.weight", "pos_emb.emb.weight": "model.embed_positions.weight",
              "norm.weight": "model.layer_norm.weight", "norm.bias": "model.layer_norm.bias",
              "to_logits.weight": "to_logits.weight", "to_logits.bias": "to_logits.bias"}
@@ -152,10 +188,32 @@ def convert_bert_embedder(state: dict, params: dict):
         for (which, sub), name in sublayers.items():
             for what in ("weight", "bias"):
                 names[f"attn_layers.layers.{2 * i + which}.{sub}.{what}"] = f"model.layers.{i}.{name}.{what}"
+    return names
+
+
+def bert_embedder_weights(state: dict, params: dict) -> dict:
+    """The BERTEmbedder's weights under ``LDMBertModel``'s names."""
+    prefix = "cond_stage_model.transformer."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    names = bert_embedder_names(params.get("n_layer", 32))
     unknown = sorted(set(own) - set(names))
     if unknown:
         raise CheckpointError(f"Unknown BERTEmbedder keys {unknown[:6]}: not the CompVis text encoder layout.")
-    return load_exactly(LDMBertModel(config), {names[k]: v for k, v in own.items()}, "BERTEmbedder")
+    return {names[k]: v for k, v in own.items()}
+
+
+def convert_layout_embedder(state: dict, params: dict):
+    """CompVis' layout BERTEmbedder (no tokenizer; taming's bounding-box tokens) as ``LayoutBERTEncoder``."""
+    from ..conditioning import LayoutBERTEncoder
+
+    config = bert_embedder_config(state, params)
+    if config.max_position_embeddings % 3 != 2:
+        raise CheckpointError(f"A layout encoder of {config.max_position_embeddings} positions: taming's builder "
+                              "writes 3 tokens per object plus 2 crop tokens.")
+    encoder = LayoutBERTEncoder(vocab_size=config.vocab_size, max_objects=(config.max_position_embeddings - 2) // 3,
+                                d_model=config.d_model, num_layers=config.encoder_layers)
+    weights = {f"transformer.{k}": v for k, v in bert_embedder_weights(state, params).items()}
+    return load_exactly(encoder, weights, "layout BERTEmbedder")
 
 
 def convert_class_embedder(state: dict, params: dict):

@@ -30,19 +30,24 @@ def _heads(p: dict, width: int) -> int:
     return p["num_heads"]
 
 
-def unet_config(p: dict) -> tuple[str, dict]:
-    """(``"cross"`` or ``"self"``, constructor kwargs of ``LDMUNet2DConditionModel`` / ``UNet2DModel``) for a
-    CompVis ``unet_config.params`` section."""
-    if p.get("resblock_updown") or p.get("use_scale_shift_norm"):
-        raise NotImplementedError("UNets with resblock_updown / use_scale_shift_norm (inpainting_big, "
-                                  "lsun_churches256) are not converted yet.")
+def unet_config(p: dict) -> tuple[type, dict]:
+    """(class, constructor kwargs) of the diffusers UNet for a CompVis ``unet_config.params`` section:
+    ``LDMUNet2DConditionModel`` with SpatialTransformers, else ``UNet2DModel`` (``LDMUNet2DModel`` where the head width
+    differs between levels)."""
+    from diffusers import UNet2DModel
+
+    from ..models.unet import LDMUNet2DConditionModel, LDMUNet2DModel
+
     widths = [p["model_channels"] * m for m in p["channel_mult"]]
     attention = _attention_levels(p)
     common = dict(in_channels=p["in_channels"], out_channels=p["out_channels"], block_out_channels=tuple(widths),
                   layers_per_block=p["num_res_blocks"], norm_num_groups=32, norm_eps=1e-5,
                   flip_sin_to_cos=True, freq_shift=0, sample_size=p.get("image_size", 32))
     if p.get("use_spatial_transformer"):
-        return "cross", dict(
+        if p.get("resblock_updown") or p.get("use_scale_shift_norm"):
+            raise NotImplementedError("resblock_updown / use_scale_shift_norm in a UNet with SpatialTransformers: no "
+                                      "released CompVis model has them, and they are not converted.")
+        return LDMUNet2DConditionModel, dict(
             common,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
@@ -52,24 +57,26 @@ def unet_config(p: dict) -> tuple[str, dict]:
             attention_head_dim=tuple(_heads(p, w) for w in widths),
             transformer_layers_per_block=p.get("transformer_depth", 1),
         )
-    head_dims = {w // _heads(p, w) for w, a in zip(widths, attention) if a} | {widths[-1] // _heads(p, widths[-1])}
-    if len(head_dims) != 1:
-        raise NotImplementedError(f"AttentionBlocks with different head widths per level ({sorted(head_dims)}) are "
-                                  "not converted yet.")
-    return "self", dict(
-        common,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        attention_head_dim=head_dims.pop(),
-    )
+    resnet = bool(p.get("resblock_updown"))  # down/up-sampling by ResBlocks (avg-pool / nearest inside)
+    common.update(resnet_time_scale_shift="scale_shift" if p.get("use_scale_shift_norm") else "default",
+                  downsample_type="resnet" if resnet else "conv", upsample_type="resnet" if resnet else "conv",
+                  attn_norm_num_groups=32)  # diffusers drops the mid attention's norm for scale_shift unless given
+    plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if resnet else ("DownBlock2D", "UpBlock2D")
+    common.update(down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attention),
+                  up_block_types=tuple("AttnUpBlock2D" if a else plain_up for a in reversed(attention)))
+    heads = tuple(_heads(p, w) for w in widths)
+    head_dims = {w // h for w, h, a in zip(widths, heads, attention) if a} | {widths[-1] // heads[-1]}
+    if len(head_dims) == 1:  # one head width everywhere: stock UNet2DModel, as diffusers' CompVis repositories
+        return UNet2DModel, dict(common, attention_head_dim=head_dims.pop())
+    return LDMUNet2DModel, dict(common, attention_head_counts=heads)
 
 
-def _block_map(p: dict, cross: bool) -> dict[str, tuple[str, str]]:
+def _block_map(p: dict) -> dict[str, tuple[str, str]]:
     """CompVis block prefix -> (diffusers prefix, kind): kind "res" (ResBlock), "attn" (AttentionBlock),
     "transformer" (SpatialTransformer, same names in diffusers) or "layer" (a plain conv / linear / norm)."""
     levels, n = len(p["channel_mult"]), p["num_res_blocks"]
-    attention = _attention_levels(p)
-    attn_kind = "transformer" if cross else "attn"
+    attention, resnet = _attention_levels(p), bool(p.get("resblock_updown"))
+    attn_kind = "transformer" if p.get("use_spatial_transformer") else "attn"
     m = {"time_embed.0": ("time_embedding.linear_1", "layer"), "time_embed.2": ("time_embedding.linear_2", "layer"),
          "input_blocks.0.0": ("conv_in", "layer"), "out.0": ("conv_norm_out", "layer"), "out.2": ("conv_out", "layer"),
          "middle_block.0": ("mid_block.resnets.0", "res"), "middle_block.1": ("mid_block.attentions.0", attn_kind),
@@ -80,7 +87,9 @@ def _block_map(p: dict, cross: bool) -> dict[str, tuple[str, str]]:
             m[f"input_blocks.{k}.0"] = (f"down_blocks.{i}.resnets.{j}", "res")
             if attention[i]:
                 m[f"input_blocks.{k}.1"] = (f"down_blocks.{i}.attentions.{j}", attn_kind)
-        if i < levels - 1:
+        if i < levels - 1 and resnet:
+            m[f"input_blocks.{1 + i * (n + 1) + n}.0"] = (f"down_blocks.{i}.downsamplers.0", "res")
+        elif i < levels - 1:
             m[f"input_blocks.{1 + i * (n + 1) + n}.0.op"] = (f"down_blocks.{i}.downsamplers.0.conv", "layer")
     for u in range(levels):  # diffusers' up_blocks.u is CompVis level levels - 1 - u
         level = levels - 1 - u
@@ -90,13 +99,17 @@ def _block_map(p: dict, cross: bool) -> dict[str, tuple[str, str]]:
             if attention[level]:
                 m[f"output_blocks.{k}.1"] = (f"up_blocks.{u}.attentions.{j}", attn_kind)
             if j == n and u < levels - 1:
-                m[f"output_blocks.{k}.{2 if attention[level] else 1}.conv"] = (f"up_blocks.{u}.upsamplers.0.conv", "layer")
+                index = 2 if attention[level] else 1
+                if resnet:
+                    m[f"output_blocks.{k}.{index}"] = (f"up_blocks.{u}.upsamplers.0", "res")
+                else:
+                    m[f"output_blocks.{k}.{index}.conv"] = (f"up_blocks.{u}.upsamplers.0.conv", "layer")
     return m
 
 
-def convert_unet_state_dict(state: dict[str, torch.Tensor], p: dict, cross: bool) -> dict[str, torch.Tensor]:
+def convert_unet_state_dict(state: dict[str, torch.Tensor], p: dict) -> dict[str, torch.Tensor]:
     """CompVis UNet weights (keys relative to ``diffusion_model.``) -> diffusers UNet weights."""
-    blocks = _block_map(p, cross)
+    blocks = _block_map(p)
     out = {}
     for key, value in state.items():
         parts = key.split(".")

@@ -9,10 +9,11 @@ from .autoencoders import (
     estimate_scaling_factor,
     load_autoencoder,
 )
-from .unet import LDMUNet2DConditionModel
+from .unet import LDMUNet2DConditionModel, LDMUNet2DModel
 
 __all__ = [
     "LDMUNet2DConditionModel",
+    "LDMUNet2DModel",
     "KLAutoencoderOutput",
     "LDMAutoencoderKL",
     "LDMVQModel",

@@ -14,10 +14,12 @@ It adds no modules and no config keys, so its folders load in stock ``UNet2DCond
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.configuration_utils import register_to_config
 
 from ..utils.checkpoints import safe_from_pretrained
 from ..utils.model_cards import CardDetails, ComponentCardMixin
@@ -165,4 +167,63 @@ class LDMUNet2DConditionModel(ComponentCardMixin, UNet2DConditionModel):
             mid_block_additional_residual=mid_block_additional_residual,
             down_intrablock_additional_residuals=down_intrablock_additional_residuals,
             encoder_attention_mask=encoder_attention_mask, return_dict=return_dict,
+        )
+
+
+def _with_head_counts(init):
+    """``LDMUNet2DModel.__init__``'s signature: ``UNet2DModel``'s parameters plus ``attention_head_counts``, so that
+    diffusers' config machinery (which reads the signature) saves and loads every key without repeating the parent's
+    list of ~28 parameters here."""
+    parent = inspect.signature(UNet2DModel.__init__)
+    extra = inspect.Parameter("attention_head_counts", inspect.Parameter.KEYWORD_ONLY, default=None)
+    init.__signature__ = parent.replace(parameters=[*parent.parameters.values(), extra])
+    return init
+
+
+class LDMUNet2DModel(ComponentCardMixin, UNet2DModel):
+    """diffusers' ``UNet2DModel`` (eps_theta with self-attention blocks only: the unconditional and concatenation-
+    conditioned LDMs) plus ``attention_head_counts``: the number of attention heads of each resolution level
+    (the mid block takes the last level's), where the parent has one width per head for the whole UNet.
+
+    CompVis' UNets with a fixed ``num_heads`` (inpainting_big, lsun_churches256, semantic synthesis) have a different
+    head width at every level; the weights do not depend on the head count, only the attention does. Where every
+    level has the same head width the converter uses stock ``UNet2DModel``."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, safetensors only, with clear errors for bad folders."""
+        return safe_from_pretrained(super(), pretrained_model_name_or_path, **kwargs)
+
+    @register_to_config
+    @_with_head_counts
+    def __init__(self, *args, attention_head_counts: tuple[int, ...] | None = None, **kwargs):
+        if attention_head_counts is not None:
+            kwargs["attention_head_dim"] = None  # the parent builds one head per block; the heads are split below
+        super().__init__(*args, **kwargs)
+        if attention_head_counts is None:
+            return
+        widths = self.config.block_out_channels
+        if len(attention_head_counts) != len(widths) or any(w % h for w, h in zip(widths, attention_head_counts)):
+            raise ValueError(f"attention_head_counts {tuple(attention_head_counts)} must give one head count per "
+                             f"level that divides its width {tuple(widths)}.")
+        levels = [(block, i) for i, block in enumerate(self.down_blocks)]
+        levels += [(block, len(widths) - 1 - u) for u, block in enumerate(self.up_blocks)]
+        levels += [(self.mid_block, len(widths) - 1)] if self.mid_block is not None else []
+        for block, level in levels:
+            for attention in getattr(block, "attentions", None) or []:
+                heads = attention_head_counts[level]
+                attention.heads = attention.sliceable_head_dim = heads
+                attention.scale = (attention.inner_dim // heads) ** -0.5
+
+    def _card_details(self) -> CardDetails:
+        """Description, tags, pipeline tag and table rows for this UNet's model card."""
+        channels = self.config.out_channels
+        return (
+            f"The denoising UNet eps_theta(z_t, t) with self-attention blocks: latents [B, {channels}, h, w]"
+            + (f" with {self.config.in_channels - channels} concatenated conditioning channels"
+               if self.config.in_channels != channels else "")
+            + f" and a timestep in 0..999 -> predicted noise [B, {channels}, h, w].",
+            ["unet"], None,
+            [("block channels", list(self.config.block_out_channels)),
+             ("attention heads per level", list(self.config.attention_head_counts or []))],
         )

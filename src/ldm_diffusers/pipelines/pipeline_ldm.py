@@ -81,20 +81,22 @@ class NonFiniteWatch:
 class LDMPipeline(DiffusionPipeline):
     """Components: ``vae`` (KL or VQ stage-1 model), ``unet`` (eps_theta), ``scheduler``, and the
     conditioning encoders the model uses (each optional): ``text_encoder`` + ``tokenizer`` for prompts,
-    ``class_embedder`` for class labels, ``layout_encoder`` for layouts. Spatial conditions
-    (super-resolution, inpainting, segmentation maps) need no encoder of their own."""
+    ``class_embedder`` for class labels, ``layout_encoder`` for layouts, ``segmentation_encoder`` for
+    segmentation maps where the model learned one (CompVis' SpatialRescaler). The other spatial conditions
+    (super-resolution, inpainting) need no encoder of their own."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = ["latents"]
-    _optional_components = ["text_encoder", "tokenizer", "class_embedder", "layout_encoder"]
+    _optional_components = ["text_encoder", "tokenizer", "class_embedder", "layout_encoder", "segmentation_encoder"]
 
     def __init__(
-        self, vae, unet, scheduler, text_encoder=None, tokenizer=None, class_embedder=None, layout_encoder=None
+        self, vae, unet, scheduler, text_encoder=None, tokenizer=None, class_embedder=None, layout_encoder=None,
+        segmentation_encoder=None,
     ):
         super().__init__()
         self.register_modules(
             vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
-            class_embedder=class_embedder, layout_encoder=layout_encoder,
+            class_embedder=class_embedder, layout_encoder=layout_encoder, segmentation_encoder=segmentation_encoder,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
