@@ -633,7 +633,7 @@ def test_generate_checks_flags_against_the_model(model_dirs, tmp_path_factory, c
 
 def test_generate_combinations(model_dirs, tmp_path):
     model = ["--model", str(model_dirs / "class"), "--steps", "1", "--out", str(tmp_path / "x.png")]
-    assert "not both" in cli_error(lambda: cli_main(["generate", "a cat", *model, "--class_labels", "1"]))
+    assert "one conditioning input" in cli_error(lambda: cli_main(["generate", "a cat", *model, "--class_labels", "1"]))
     assert "--negative_prompt" in cli_error(lambda: cli_main(["generate", *model, "--negative_prompt", "x"]))
     assert "text_encoder" in cli_error(lambda: cli_main(["generate", "a cat", *model]))
     assert "class_labels" in cli_error(lambda: cli_main(["generate", *model]))  # a conditional model, no condition

@@ -311,17 +311,38 @@ def test_every_real_width_unet_key_is_mapped(name):
     assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
 
 
-def test_generate_runs_a_converted_super_resolution_model(checkpoints, tmp_path):
+def _generate_inputs(name: str, ref: dict, folder: Path) -> list[str]:
+    """``generate`` flags for a fixture's conditioning, written as the files a user would pass."""
+    from PIL import Image
+
+    if name == "bsr_sr":
+        Image.fromarray(ref["cond.lr_image_u8"][0].numpy()).save(folder / "low.png")
+        return ["--image", str(folder / "low.png")]
+    if name == "inpainting_big":
+        Image.fromarray(ref["cond.image_u8"][0].numpy()).save(folder / "image.png")
+        Image.fromarray(ref["cond.mask_u8"][0].numpy()).save(folder / "mask.png")
+        return ["--image", str(folder / "image.png"), "--mask_image", str(folder / "mask.png")]
+    if name == "semantic_synthesis256":
+        Image.fromarray(ref["cond.segmentation_labels"][0].numpy(), mode="L").save(folder / "labels.png")
+        return ["--segmentation_map", str(folder / "labels.png")]
+    layout = json.loads((FIXTURES / name / "meta.json").read_text())["pipeline_inputs"]["layout"][0]
+    (folder / "layout.json").write_text(json.dumps(layout))
+    return ["--layout", str(folder / "layout.json")]
+
+
+@pytest.mark.parametrize("name,size", [("bsr_sr", 64), ("inpainting_big", 64), ("semantic_synthesis256", 32),
+                                       ("layout2img-openimages256", None)])
+def test_generate_reaches_every_spatial_and_layout_mode(name, size, checkpoints, tmp_path):
+    """``ldm-diffusers generate`` on converted models: --image (super-resolution), --image --mask_image (inpainting),
+    --segmentation_map (a label PNG), --layout (a JSON file). The output has the input's size (f=4 for bsr_sr)."""
     from PIL import Image
 
     from ldm_diffusers.cli import main
 
-    pipe = convert_compvis_checkpoint(checkpoints / "bsr_sr.ckpt", FIXTURES / "bsr_sr" / "config.yaml")
-    pipe.save_pretrained(tmp_path / "sr")
-    low = load_file(FIXTURES / "bsr_sr" / "reference.safetensors")["cond.lr_image_u8"][0].numpy()
-    Image.fromarray(low).save(tmp_path / "low.png")
-    main(["generate", "--model", str(tmp_path / "sr"), "--image", str(tmp_path / "low.png"), "--steps", "2",
-          "--out", str(tmp_path / "high.png")])
-    assert Image.open(tmp_path / "high.png").size == (16 * 4, 16 * 4)  # f = 4
-    with pytest.raises(SystemExit):
-        main(["generate", "--model", str(tmp_path / "sr"), "--mask_image", str(tmp_path / "low.png")])
+    convert_compvis_checkpoint(checkpoints / f"{name}.ckpt", FIXTURES / name / "config.yaml").save_pretrained(tmp_path / "m")
+    flags = _generate_inputs(name, load_file(FIXTURES / name / "reference.safetensors"), tmp_path)
+    size_flags = [] if size else ["--height", "32", "--width", "32"]  # a layout does not fix the size
+    main(["generate", "--model", str(tmp_path / "m"), *flags, *size_flags, "--steps", "2", "--out", str(tmp_path / "o.png")])
+    assert Image.open(tmp_path / "o.png").size == (size or 32, size or 32)
+    with pytest.raises(SystemExit):  # none of them has an unconditional input to guide against
+        main(["generate", "--model", str(tmp_path / "m"), *flags, "--guidance_scale", "3"])

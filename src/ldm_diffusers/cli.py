@@ -59,10 +59,19 @@ def generate_parser() -> argparse.ArgumentParser:
                    help="Input image: the low-resolution image for a super-resolution model, the image to fill for "
                         "an inpainting model (with --mask_image).")
     p.add_argument("--mask_image", default=None, help="Inpainting mask (white = fill in), same size as --image.")
+    p.add_argument("--segmentation_map", default=None,
+                   help="For a semantic-synthesis model: a label map of class ids, a single-channel PNG ('L', 'P' or "
+                        "'I' mode) or a .npy integer array [H, W]; the image has its size.")
+    p.add_argument("--layout", default=None,
+                   help='For a layout-to-image model: a JSON file with a list of [class_id, [x0, y0, x1, y1]] '
+                        '(coordinates in [0, 1], x right, y down), e.g. [[5, [0.1, 0.2, 0.55, 0.7]]], or a list of '
+                        'such lists (one image each).')
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--batch", type=positive_int, default=1, help="Images per prompt (or unconditional images).")
     p.add_argument("--steps", type=positive_int, default=50, help="Sampler steps.")
-    p.add_argument("--guidance_scale", type=non_negative_float, default=3.0, help="Classifier-free guidance (1 = off).")
+    p.add_argument("--guidance_scale", type=non_negative_float, default=None,
+                   help="Classifier-free guidance (1 = off). Default: 3.0 where the model has an unconditional input "
+                        "to guide against (prompts, classes with a null class), else 1.")
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None, help="Default: the model's own.")
     p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta.")
     p.add_argument("--seed", type=int_type(0, 2**64 - 1), default=0)
@@ -97,16 +106,24 @@ def parse_generate_args(argv) -> argparse.Namespace:
     p = generate_parser()
     a = p.parse_args(argv)
     check_model_path(p, "--model", a.model)
-    if a.prompt and a.class_labels is not None:
-        p.error("pass prompts (for a text-to-image model) or --class_labels (for a class-conditional one), not both.")
-    for flag, path in (("--image", a.image), ("--mask_image", a.mask_image)):
+    given = [name for name, value in (("prompts", a.prompt), ("--class_labels", a.class_labels), ("--image", a.image),
+                                      ("--segmentation_map", a.segmentation_map), ("--layout", a.layout)) if value]
+    if len(given) > 1:
+        p.error(f"pass one conditioning input, got {' and '.join(given)}: prompts (text-to-image), --class_labels, "
+                "--image (super-resolution; with --mask_image inpainting), --segmentation_map or --layout.")
+    for flag, path in (("--image", a.image), ("--mask_image", a.mask_image), ("--segmentation_map", a.segmentation_map),
+                       ("--layout", a.layout)):
         if path is not None and not Path(path).is_file():
             p.error(f"{flag} {path}: no such file.")
     if a.mask_image is not None and a.image is None:
         p.error("--mask_image needs --image (the image whose masked part is filled in).")
-    if a.image is not None and (a.prompt or a.class_labels is not None):
-        p.error("--image is the input of a super-resolution or inpainting model; it does not combine with prompts or "
-                "--class_labels.")
+    if a.layout is not None:
+        try:
+            a.layout = json.loads(Path(a.layout).read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            p.error(f"--layout {a.layout}: not a JSON file ({err}).")
+    if a.segmentation_map is not None:
+        a.segmentation_map = _read_label_map(p, a.segmentation_map)
     if a.negative_prompt is not None and not a.prompt:
         p.error("--negative_prompt needs prompts: it is the text-to-image model's unconditional input.")
     out = Path(a.out)
@@ -137,11 +154,46 @@ def check_generate_args(p: argparse.ArgumentParser, a: argparse.Namespace, pipe)
             p.error(f"--class_labels {' '.join(map(str, bad))}: this model knows class ids 0..{known - 1}.")
     if a.prompt and pipe.text_encoder is None:
         p.error(f"prompts need a text-to-image model; {a.model} has no text_encoder.")
-    if not a.prompt and a.class_labels is None and a.image is None:
-        try:
-            pipe.select_mode({})
-        except ValueError as err:
-            p.error(f"{err} (prompts are positional arguments; class ids go to --class_labels)")
+    try:
+        mode = pipe.select_mode(_conditioning_inputs(a))
+        if mode is not None:
+            mode.check_inputs(pipe, _conditioning_inputs(a))
+    except (TypeError, ValueError) as err:
+        p.error(f"{err} (prompts are positional arguments; see --help for the other inputs)")
+    has_null = mode is not None and mode.null_values(pipe, _conditioning_inputs(a)) is not None
+    if a.guidance_scale is None:
+        a.guidance_scale = 3.0 if has_null else 1.0
+    elif a.guidance_scale > 1 and not has_null:
+        p.error(f"--guidance_scale {a.guidance_scale:g}: this model's {mode.name if mode else 'unconditional'} "
+                "sampling has no unconditional input to guide against; use --guidance_scale 1.")
+
+
+def _read_label_map(p: argparse.ArgumentParser, path: str):
+    """A label map of class ids from a .npy file (integers, no pickles) or a single-channel image."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        return Image.open(path)
+    except (ValueError, OSError, UnidentifiedImageError) as err:
+        p.error(f"--segmentation_map {path}: not a .npy array or an image ({err}).")
+
+
+def _conditioning_inputs(a: argparse.Namespace) -> dict:
+    """The pipeline's conditioning arguments from the ``generate`` flags."""
+    if a.prompt:
+        return {"prompt": a.prompt, "negative_prompt": None if a.negative_prompt is None else [a.negative_prompt] * len(a.prompt)}
+    if a.image is not None:
+        from PIL import Image
+
+        inputs = {"image": Image.open(a.image).convert("RGB")}
+        if a.mask_image is not None:
+            inputs["mask_image"] = Image.open(a.mask_image).convert("L")
+        return inputs
+    names = {"class_labels": a.class_labels, "segmentation_map": a.segmentation_map, "layout": a.layout}
+    return {name: value for name, value in names.items() if value is not None}
 
 
 def _generate(argv):
@@ -155,22 +207,10 @@ def _generate(argv):
     if a.scheduler:
         pipe.scheduler = switch_sampler(pipe.scheduler, a.scheduler)
     check_generate_args(generate_parser(), a, pipe)
-    inputs = {}
-    if a.prompt:
-        inputs = {"prompt": a.prompt, "negative_prompt": None if a.negative_prompt is None else [a.negative_prompt] * len(a.prompt)}
-    elif a.class_labels is not None:
-        inputs = {"class_labels": a.class_labels}
-    guidance = a.guidance_scale if inputs else 1.0  # prompts and classes have a null input to guide against
-    if a.image is not None:
-        from PIL import Image
-
-        inputs = {"image": Image.open(a.image).convert("RGB")}
-        if a.mask_image is not None:
-            inputs["mask_image"] = Image.open(a.mask_image).convert("L")
-        guidance = 1.0
+    inputs = _conditioning_inputs(a)
     start = time.perf_counter()
     images = pipe(**inputs, num_images_per_prompt=a.batch if inputs else 1, batch_size=a.batch, num_inference_steps=a.steps,
-                  guidance_scale=guidance, eta=a.eta, height=a.height, width=a.width,
+                  guidance_scale=a.guidance_scale, eta=a.eta, height=a.height, width=a.width,
                   generator=torch.Generator("cpu").manual_seed(a.seed)).images
     if len(images) == 1:
         images[0].save(a.out)
