@@ -88,14 +88,20 @@ def test_dropout_rate_and_null_inputs():
     mask = torch.tensor([True, False, True])
     from types import SimpleNamespace
 
-    from ldm_diffusers import ClassEmbedder
+    from ldm_diffusers import ClassEmbedder, LayoutBERTEncoder, LayoutEncoder
 
-    pipe = SimpleNamespace(class_embedder=ClassEmbedder(num_classes=5, context_dim=4))
+    pipe = SimpleNamespace(class_embedder=ClassEmbedder(num_classes=5, context_dim=4),
+                           layout_encoder=LayoutEncoder(num_classes=3, context_dim=8, max_objects=2, depth=1, num_heads=2))
     assert TextMode().drop(pipe, {"prompt": ["a", "b", "c"]}, mask)["prompt"] == ["", "b", ""]
     labels = ClassMode().drop(pipe, {"class_labels": torch.tensor([1, 2, 3])}, mask)["class_labels"]
     assert labels.tolist() == [5, 2, 5]
     box = [(0, (0.1, 0.1, 0.5, 0.5))]
     assert LayoutMode().drop(pipe, {"layout": [box, box, box]}, mask)["layout"] == [[], box, []]
+    # CompVis' layout model was trained without a null layout: nothing to drop to
+    compvis = SimpleNamespace(layout_encoder=LayoutBERTEncoder(vocab_size=64, max_objects=2, num_classes=3, d_model=8,
+                                                               num_layers=1))
+    with pytest.raises(ValueError, match="no null input"):
+        LayoutMode().drop(compvis, {"layout": [box, box, box]}, mask)
 
 
 def test_caption_dropout_reaches_the_text_encoder(stage1, emoji16, tmp_path, monkeypatch):
