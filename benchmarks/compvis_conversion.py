@@ -148,7 +148,11 @@ def real_width(name: str, folder: Path) -> dict:
     for key, shape, dtype in layout["state_dict"]:
         dtype = DTYPES[dtype]
         state[key] = (torch.randn(shape, generator=generator) * 0.02).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
-    (folder / "config.yaml").write_text(yaml.safe_dump(real_width_config(name)))
+    config = real_width_config(name)
+    if config["model"].get("params", {}).get("cond_stage_config") == "__is_first_stage__":  # one module, two names
+        state.update({k: state["first_stage_model." + k[len("cond_stage_model."):]]
+                      for k in state if k.startswith("cond_stage_model.")})
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     ckpt = folder / "model.ckpt"
     torch.save({"state_dict": state, "global_step": 0}, ckpt)
     size = ckpt.stat().st_size

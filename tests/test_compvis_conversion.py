@@ -346,3 +346,22 @@ def test_generate_reaches_every_spatial_and_layout_mode(name, size, checkpoints,
     assert Image.open(tmp_path / "o.png").size == (size or 32, size or 32)
     with pytest.raises(SystemExit):  # none of them has an unconditional input to guide against
         main(["generate", "--model", str(tmp_path / "m"), *flags, "--guidance_scale", "3"])
+
+
+def test_samplers_switch_in_on_the_checkpoints_schedule(checkpoints):
+    """PLMS and DPM-Solver++ take over the converted DDIM's schedule (CompVis' alphas_cumprod, to float32) and
+    sample from the same x_T."""
+    from ldm_diffusers import LDMPipeline, switch_sampler
+
+    name = "cin256-v2"
+    pipe = convert_compvis_checkpoint(checkpoints / f"{name}.ckpt", FIXTURES / name / "config.yaml")
+    ref = load_file(FIXTURES / name / "reference.safetensors")
+    for sampler in ("plms", "dpm++"):
+        scheduler = switch_sampler(pipe.scheduler, sampler)
+        # diffusers multiplies the 1000 factors in float32, CompVis in float64: 1.0e-6 relative observed
+        assert torch.allclose(scheduler.alphas_cumprod.float(), ref["schedule.alphas_cumprod"], rtol=1e-5, atol=0)
+        other = LDMPipeline(**{**pipe.components, "scheduler": scheduler})
+        other.set_progress_bar_config(disable=True)
+        latents = other(class_labels=ref["cond.class_labels"], latents=ref["ddim.x_T"], num_inference_steps=10,
+                        guidance_scale=3.0, output_type="latent").images
+        assert latents.shape == ref["ddim.g3.latents"].shape and torch.isfinite(latents).all()
