@@ -178,6 +178,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     names = args.only or sorted(p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file())
     results = {}
+    print("| fixture | tensors compared | worst error / tolerance |"
+          + ("" if args.skip_real_width else " real-width values | real-width keys | convert time |"))
+    print("|---|---|---|" + ("" if args.skip_real_width else "---|---|---|"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         materialize(names, tmp)
