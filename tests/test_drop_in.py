@@ -15,10 +15,10 @@ pickle-only folders (unpickling runs code), and the autoencoders refuse images w
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel, VQModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from ldm_diffusers import LDMAutoencoderKL, LDMUNet2DConditionModel, LDMVQModel
+from ldm_diffusers import LDMAutoencoderKL, LDMUNet2DConditionModel, LDMUNet2DModel, LDMVQModel
 
 KL_CONFIG = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
@@ -58,7 +58,8 @@ def images():
 
 # -- configs, defaults, signatures --------------------------------------------------------------------------------
 @pytest.mark.parametrize("stock_cls,our_cls", [(AutoencoderKL, LDMAutoencoderKL), (VQModel, LDMVQModel),
-                                               (UNet2DConditionModel, LDMUNet2DConditionModel)])
+                                               (UNet2DConditionModel, LDMUNet2DConditionModel),
+                                               (UNet2DModel, LDMUNet2DModel)])
 def test_same_constructor_defaults_and_method_signatures(stock_cls, our_cls):
     """The config keys and their defaults (the constructor's parameters) and forward / encode / decode's
     parameters and defaults are the parent's; the only addition is the VQ commitment weight ``beta``."""
@@ -69,8 +70,9 @@ def test_same_constructor_defaults_and_method_signatures(stock_cls, our_cls):
                 if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     ours, theirs = parameters(our_cls, "__init__"), parameters(stock_cls, "__init__")
-    assert set(ours) - set(theirs) <= {"beta"}  # used only by our forward's loss terms
-    assert {k: v for k, v in ours.items() if k != "beta"} == theirs
+    # beta: used only by our VQ forward's loss terms; attention_head_counts: per-level heads of LDMUNet2DModel
+    assert set(ours) - set(theirs) <= {"beta", "attention_head_counts"}
+    assert {k: v for k, v in ours.items() if k not in ("beta", "attention_head_counts")} == theirs
     for name in ("forward", "encode", "decode"):
         if hasattr(stock_cls, name):
             ours, theirs = parameters(our_cls, name), parameters(stock_cls, name)
@@ -284,3 +286,28 @@ def test_lora_adapters_work_as_on_the_parent(kind, images, tmp_path):
         fresh = pair(stock_cls, our_cls, config)[0]
         fresh.load_lora_adapter(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors", prefix=None)
         assert_same(_outputs(fresh, images), with_lora)
+
+
+def test_per_level_heads_unet_is_the_parent_with_its_heads(images, tmp_path):
+    """``LDMUNet2DModel`` has the parent's weights; with head counts that give one head width it computes what the
+    parent computes; its own folders keep their head counts, and a stock folder loads as the parent's model."""
+    config = dict(block_out_channels=(32, 64), down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+                  up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"), layers_per_block=1, norm_num_groups=8, sample_size=16)
+    stock = UNet2DModel(**config, attention_head_dim=16).eval()
+    ours = LDMUNet2DModel(**config, attention_head_counts=(2, 4)).eval()
+    ours.load_state_dict(stock.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ours(images, 10).sample, stock(images, 10).sample)
+    uneven = LDMUNet2DModel(**config, attention_head_counts=(4, 2)).eval()  # head widths 8 and 32
+    uneven.load_state_dict(stock.state_dict())
+    with torch.no_grad():
+        assert (uneven(images, 10).sample - stock(images, 10).sample).abs().max() > 1e-4
+    uneven.save_pretrained(tmp_path / "ours")
+    again = LDMUNet2DModel.from_pretrained(tmp_path / "ours")
+    assert [a.heads for a in again.down_blocks[0].attentions] == [4] and again.mid_block.attentions[0].heads == 2
+    stock.save_pretrained(tmp_path / "stock")
+    loaded = LDMUNet2DModel.from_pretrained(tmp_path / "stock").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images, 10).sample, stock(images, 10).sample)
+    with pytest.raises(ValueError, match="attention_head_counts"):
+        LDMUNet2DModel(**config, attention_head_counts=(3, 4))
