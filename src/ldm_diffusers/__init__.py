@@ -18,6 +18,7 @@ from .models import (
     load_autoencoder,
 )
 from .conditioning import ClassEmbedder, LayoutBERTEncoder, LayoutEncoder, SpatialRescaler
+from .conversion import convert_compvis_checkpoint, export_compvis_checkpoint
 from .pipelines import LDMPipeline
 from .schedulers import CompVisDDIMScheduler, ldm_scheduler, switch_sampler
 
@@ -32,6 +33,8 @@ __all__ = [
     "LDMUNet2DModel",
     "ldm_scheduler",
     "switch_sampler",
+    "convert_compvis_checkpoint",
+    "export_compvis_checkpoint",
     "KLAutoencoderOutput",
     "ConfigMixin",
     "DiffusionPipeline",

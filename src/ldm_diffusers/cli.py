@@ -6,6 +6,7 @@
     ldm-diffusers generate "an emoji of a red apple" --out apple.png          # the built-in emoji model
     ldm-diffusers generate "an emoji of red apple" --model outputs/ldm --out apple.png
     ldm-diffusers train --pretrained_vae_model_name_or_path outputs/kl-f4 --conditioning text --output_dir outputs/ldm
+    ldm-diffusers export outputs/ldm --output model.ckpt --config model.yaml   # back to a CompVis checkpoint
 """
 
 from __future__ import annotations
@@ -284,6 +285,35 @@ def _convert(argv):
     print(f"wrote {type(model).__name__} to {out}")
 
 
+def _export(argv):
+    p = argparse.ArgumentParser(
+        prog="ldm-diffusers export",
+        description="Write a saved LDMPipeline (or LDMAutoencoderKL / LDMVQModel) folder as a CompVis latent-diffusion "
+        "checkpoint and YAML config, the inverse of `ldm-diffusers convert`: the CompVis code and `convert` load them. "
+        "Only architectures the CompVis code has are written (unconditional, class labels, LDMBert text, layouts, "
+        "segmentation, super-resolution, VQ inpainting); anything else is an error naming the component. The UNet's "
+        "training weights are written, no EMA copy (the config says use_ema: false).",
+    )
+    p.add_argument("model", metavar="PIPELINE_DIR", help="Folder saved with save_pretrained (model_index.json, or an "
+                   "autoencoder's config.json).")
+    p.add_argument("--output", required=True, help="Checkpoint to write: .ckpt (torch.save, {'state_dict': ...}) or "
+                   ".safetensors (the state dict alone).")
+    p.add_argument("--config", default=None, help="YAML config to write (default: --output with the suffix .yaml).")
+    a = p.parse_args(argv)
+    from .conversion import export_compvis_checkpoint
+
+    if not Path(a.model).is_dir():
+        p.error(f"PIPELINE_DIR {a.model}: no such folder.")
+    config = a.config or str(Path(a.output).with_suffix(".yaml"))
+    if Path(config).resolve() == Path(a.output).resolve():
+        p.error(f"--config {config} is the --output file; give the config its own name.")
+    try:
+        checkpoint, config = export_compvis_checkpoint(a.model, a.output, config)
+    except (NotImplementedError, ValueError, FileNotFoundError) as err:
+        p.error(str(err))
+    print(f"wrote {checkpoint} and {config}")
+
+
 COMMANDS = {
     "build-emoji": (_build_emoji, "render the built-in emoji dataset"),
     "train-autoencoder": (_train_autoencoder, "train a KL/VQ stage-1 autoencoder"),
@@ -291,6 +321,7 @@ COMMANDS = {
     "train": (_train, "train a latent diffusion model (any conditioning mode)"),
     "evaluate-autoencoder": (_evaluate_autoencoder, "PSNR / SSIM / rFID of a saved autoencoder"),
     "convert": (_convert, "convert a released CompVis checkpoint + config"),
+    "export": (_export, "write a pipeline as a CompVis checkpoint + config"),
 }
 
 

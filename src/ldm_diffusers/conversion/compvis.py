@@ -91,6 +91,9 @@ def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     from .unet import convert_unet_state_dict, unet_config
 
     encoders = convert_cond_stage(state, params)
+    if params.get("beta_schedule", "linear") != "linear":  # CompVis' "linear" is diffusers' "scaled_linear"
+        raise NotImplementedError(f"beta_schedule '{params['beta_schedule']}' is not supported; every released CompVis "
+                                  "model uses 'linear' (linspace of square roots, squared).")
     if params.get("parameterization", "eps") != "eps":
         raise NotImplementedError(f"parameterization '{params['parameterization']}' is not supported (CompVis: eps).")
     vae = convert_first_stage(state, params["first_stage_config"]["params"], prefix="first_stage_model.")

@@ -18,8 +18,8 @@ from ..utils.checkpoints import CheckpointError
 # Training-only weights in released first-stage checkpoints (LPIPS, discriminator, KL log-variance).
 IGNORED_PREFIXES = ("loss.",)
 
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+RESNET_NAMES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
 def autoencoder_config(params: dict) -> tuple[str, dict]:
@@ -67,14 +67,14 @@ def first_stage_key(key: str, levels: int) -> str | None:
     if m:
         part, block, layer, what = m.groups()
         if block == "attn_1":
-            return f"{part}.mid_block.attentions.0.{_ATTENTION[layer]}.{what}"
-        return f"{part}.mid_block.resnets.{int(block[-1]) - 1}.{_RESNET[layer]}.{what}"
+            return f"{part}.mid_block.attentions.0.{ATTENTION_NAMES[layer]}.{what}"
+        return f"{part}.mid_block.resnets.{int(block[-1]) - 1}.{RESNET_NAMES[layer]}.{what}"
     m = re.fullmatch(r"(encoder\.down|decoder\.up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)\.(weight|bias)", key)
     if m:
         where, level, kind, index, layer, what = m.groups()
         part, blocks, level = ("encoder", "down_blocks", int(level)) if where == "encoder.down" else (
             "decoder", "up_blocks", levels - 1 - int(level))  # CompVis' up.0 is the highest resolution, run last
-        names = _RESNET if kind == "block" else _ATTENTION
+        names = RESNET_NAMES if kind == "block" else ATTENTION_NAMES
         sub = "resnets" if kind == "block" else "attentions"
         if layer in names:
             return f"{part}.{blocks}.{level}.{sub}.{index}.{names[layer]}.{what}"

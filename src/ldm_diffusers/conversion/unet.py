@@ -13,7 +13,7 @@ import torch
 
 from ..utils.checkpoints import CheckpointError
 
-_RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+RESBLOCK_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
@@ -23,7 +23,7 @@ def _attention_levels(p: dict) -> list[bool]:
     return [2**i in factors for i in range(len(p["channel_mult"]))]
 
 
-def _heads(p: dict, width: int) -> int:
+def attention_heads(p: dict, width: int) -> int:
     """Attention heads of a block of ``width`` channels, as openaimodel.py computes them."""
     if p.get("num_head_channels", -1) != -1:
         return width // p["num_head_channels"]
@@ -42,7 +42,7 @@ def unet_config(p: dict) -> tuple[type, dict]:
     attention = _attention_levels(p)
     common = dict(in_channels=p["in_channels"], out_channels=p["out_channels"], block_out_channels=tuple(widths),
                   layers_per_block=p["num_res_blocks"], norm_num_groups=32, norm_eps=1e-5,
-                  flip_sin_to_cos=True, freq_shift=0, sample_size=p.get("image_size", 32))
+                  flip_sin_to_cos=True, freq_shift=0, sample_size=p.get("image_size", 32), dropout=p.get("dropout", 0.0))
     if p.get("use_spatial_transformer"):
         if p.get("resblock_updown") or p.get("use_scale_shift_norm"):
             raise NotImplementedError("resblock_updown / use_scale_shift_norm in a UNet with SpatialTransformers: no "
@@ -54,7 +54,7 @@ def unet_config(p: dict) -> tuple[type, dict]:
             mid_block_type="UNetMidBlock2DCrossAttn",
             cross_attention_dim=p["context_dim"],
             # UNet2DConditionModel's attention_head_dim is the number of heads per block (the mid block uses the last)
-            attention_head_dim=tuple(_heads(p, w) for w in widths),
+            attention_head_dim=tuple(attention_heads(p, w) for w in widths),
             transformer_layers_per_block=p.get("transformer_depth", 1),
         )
     resnet = bool(p.get("resblock_updown"))  # down/up-sampling by ResBlocks (avg-pool / nearest inside)
@@ -64,14 +64,14 @@ def unet_config(p: dict) -> tuple[type, dict]:
     plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if resnet else ("DownBlock2D", "UpBlock2D")
     common.update(down_block_types=tuple("AttnDownBlock2D" if a else plain_down for a in attention),
                   up_block_types=tuple("AttnUpBlock2D" if a else plain_up for a in reversed(attention)))
-    heads = tuple(_heads(p, w) for w in widths)
+    heads = tuple(attention_heads(p, w) for w in widths)
     head_dims = {w // h for w, h, a in zip(widths, heads, attention) if a} | {widths[-1] // heads[-1]}
     if len(head_dims) == 1:  # one head width everywhere: stock UNet2DModel, as diffusers' CompVis repositories
         return UNet2DModel, dict(common, attention_head_dim=head_dims.pop())
     return LDMUNet2DModel, dict(common, attention_head_counts=heads)
 
 
-def _block_map(p: dict) -> dict[str, tuple[str, str]]:
+def block_map(p: dict) -> dict[str, tuple[str, str]]:
     """CompVis block prefix -> (diffusers prefix, kind): kind "res" (ResBlock), "attn" (AttentionBlock),
     "transformer" (SpatialTransformer, same names in diffusers) or "layer" (a plain conv / linear / norm)."""
     levels, n = len(p["channel_mult"]), p["num_res_blocks"]
@@ -109,7 +109,7 @@ def _block_map(p: dict) -> dict[str, tuple[str, str]]:
 
 def convert_unet_state_dict(state: dict[str, torch.Tensor], p: dict) -> dict[str, torch.Tensor]:
     """CompVis UNet weights (keys relative to ``diffusion_model.``) -> diffusers UNet weights."""
-    blocks = _block_map(p)
+    blocks = block_map(p)
     out = {}
     for key, value in state.items():
         parts = key.split(".")
@@ -123,9 +123,9 @@ def convert_unet_state_dict(state: dict[str, torch.Tensor], p: dict) -> dict[str
         leaf = ".".join(parts[cut:])
         if kind == "res":
             layer, what = leaf.rsplit(".", 1)
-            if layer not in _RESBLOCK:
+            if layer not in RESBLOCK_NAMES:
                 raise CheckpointError(f"Unknown ResBlock key 'diffusion_model.{key}'.")
-            out[f"{target}.{_RESBLOCK[layer]}.{what}"] = value
+            out[f"{target}.{RESBLOCK_NAMES[layer]}.{what}"] = value
         elif kind == "attn":
             out.update(_attention_block(target, leaf, value, p, key))
         else:  # "layer" and "transformer": diffusers uses CompVis' own names below the prefix
@@ -144,7 +144,7 @@ def _attention_block(target: str, leaf: str, value: torch.Tensor, p: dict, key: 
     if layer != "qkv":
         raise CheckpointError(f"Unknown AttentionBlock key 'diffusion_model.{key}'.")
     channels = value.shape[0] // 3
-    heads = _heads(p, channels)
+    heads = attention_heads(p, channels)
     grouped = value.reshape(heads, 3, channels // heads, *value.shape[1:])
     q, k, v = (grouped[:, i].reshape(channels, *value.shape[1:]) for i in range(3))
     squeeze = (lambda t: t[..., 0]) if value.ndim == 3 else (lambda t: t)
