@@ -94,6 +94,7 @@ class LDMPipeline(DiffusionPipeline):
         segmentation_encoder=None,
     ):
         super().__init__()
+        self.fast_sampling = None  # see enable_fast_sampling
         self.register_modules(
             vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
             class_embedder=class_embedder, layout_encoder=layout_encoder, segmentation_encoder=segmentation_encoder,
@@ -208,6 +209,20 @@ class LDMPipeline(DiffusionPipeline):
         memory-efficient on GPUs, so there is nothing to lose by staying on it."""
         require_xformers(self._execution_device)
         super().enable_xformers_memory_efficient_attention(attention_op)
+
+    # -- speed ----------------------------------------------------------------------------------------
+    def enable_fast_sampling(self, compile_decoder: bool = True) -> None:
+        """Compile eps_theta (and the decoder) with ``torch.compile(fullgraph=True)`` and the inductor settings that
+        pay on the pipeline's device (CPU: frozen weights + C++ wrapper; CUDA: + CUDA graphs); see
+        ``ldm_diffusers.pipelines.fast_sampling``. Outputs equal the eager pipeline's to float32 rounding. Compilation
+        happens at the first call of each shape; ``fast_sampling.compile_seconds`` reports it."""
+        from .fast_sampling import build_fast_sampling
+
+        self.fast_sampling = build_fast_sampling(self.unet, self.vae, self._execution_device, compile_decoder)
+
+    def disable_fast_sampling(self) -> None:
+        """Back to the eager modules."""
+        self.fast_sampling = None
 
     def enable_vae_slicing(self):
         """Decode the batch one image at a time (less memory for large batches)."""
@@ -351,11 +366,20 @@ class LDMPipeline(DiffusionPipeline):
 
     # -- sampling -------------------------------------------------------------------------------
     def _eps(self, model_input: torch.Tensor, t, context: torch.Tensor | None) -> torch.Tensor:
+        fast = self.fast_sampling
+        unet = self.unet if fast is None else fast.unet
         if isinstance(self.unet, UNet2DModel):  # diffusers' unconditional LDM UNet takes no context argument
-            return self.unet(model_input, t).sample
+            return self._timed("unet", model_input, unet, model_input, t).sample
         if context is not None:
             context = context.to(self.unet.dtype)  # e.g. a half-precision text encoder in front of a float32 UNet
-        return self.unet(model_input, t, encoder_hidden_states=context).sample
+        return self._timed("unet", model_input, unet, model_input, t, encoder_hidden_states=context).sample
+
+    def _timed(self, name: str, tensor: torch.Tensor, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``; with fast sampling the first call of each input shape is timed as compilation."""
+        fast = self.fast_sampling
+        if fast is None:
+            return fn(*args, **kwargs)
+        return fast.timed(name, tuple(tensor.shape), fn, *args, **kwargs)
 
     def _check_size(self, height, width, fixed=None):
         f = self.vae_scale_factor
@@ -379,7 +403,9 @@ class LDMPipeline(DiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """x = D(z / scaling_factor): images [B, 3, H, W] in about [-1, 1]. VQ models quantise in ``decode``."""
-        return self.vae.decode(latents / latent_scaling_factor(self.vae)).sample
+        fast = self.fast_sampling
+        decode = self.vae.decode if fast is None else fast.decode
+        return self._timed("decode", latents, decode, latents / latent_scaling_factor(self.vae)).sample
 
     @torch.no_grad()
     def __call__(
@@ -457,9 +483,12 @@ class LDMPipeline(DiffusionPipeline):
             extra["generator"] = generator
 
         watch = NonFiniteWatch(self.scheduler.timesteps, deferred=latents.device.type != "cpu")
+        # compiled CUDA graphs take device inputs only: the UNet's timesteps are copied to the device once
+        fast_on_device = self.fast_sampling is not None and latents.device.type != "cpu"
+        unet_timesteps = self.scheduler.timesteps.to(latents.device) if fast_on_device else self.scheduler.timesteps
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = self._eps(cond.model_input(model_input), t, cond.context)
+            eps = self._eps(cond.model_input(model_input), unet_timesteps[i], cond.context)
             if guided:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)
