@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -41,6 +42,10 @@ def test_generate_class_model_and_help(tmp_path, capsys):
     main(["generate", "--model", str(tmp_path / "class"), "--class_labels", "0", "3", "--steps", "2",
           "--out", str(tmp_path / "c.png")])
     assert Image.open(tmp_path / "c.png").size == (2 * 32, 32)
+    main(["generate", "--model", str(tmp_path / "class"), "--class_labels", "0", "3", "--steps", "2",
+          "--out", str(tmp_path / "fast.png"), "--fast"])
+    eager, fast = (np.asarray(Image.open(tmp_path / f), dtype=np.int16) for f in ("c.png", "fast.png"))
+    assert np.abs(eager - fast).max() <= 1  # compiled: the same image up to float32 rounding at a uint8 boundary
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "--guidance_scale" in capsys.readouterr().out
