@@ -356,21 +356,62 @@ def test_loads_diffusers_text_to_image_ldm_layout(tmp_path):
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
-def test_loads_diffusers_unconditional_ldm_layout(tmp_path):
-    from diffusers import DDIMScheduler, LDMPipeline as StockLDMPipeline, UNet2DModel, VQModel
+def _tiny_vq_and_unet(f: int, in_channels: int):
+    from diffusers import UNet2DModel, VQModel
 
     torch.manual_seed(0)
-    vqvae = VQModel(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=3, num_vq_embeddings=16)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    vqvae = VQModel(block_out_channels=(8,) * (f.bit_length()), down_block_types=("DownEncoderBlock2D",) * f.bit_length(),
+                    up_block_types=("UpDecoderBlock2D",) * f.bit_length(), norm_num_groups=4, latent_channels=3,
+                    num_vq_embeddings=16, scaling_factor=1.0)  # CompVis' VQ models have no latent scale
+    unet = UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=3, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    StockLDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(clip_sample=False)).save_pretrained(tmp_path)
+    return vqvae.eval(), unet.eval()
+
+
+def test_loads_diffusers_unconditional_ldm_layout(tmp_path):
+    """diffusers' own LDMPipeline layout (CompVis/ldm-celebahq-256: vqvae, unet, scheduler) samples as diffusers'
+    pipeline does, from the same generator, with eta 0 and 1."""
+    from diffusers import DDIMScheduler, LDMPipeline as StockLDMPipeline, UNet2DModel
+
+    vqvae, unet = _tiny_vq_and_unet(2, 3)
+    stock = StockLDMPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    stock.set_progress_bar_config(disable=True)
+    stock.save_pretrained(tmp_path)
     pipe = LDMPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.text_encoder is None and isinstance(pipe.unet, UNet2DModel)
-    images = run(pipe, batch_size=2)
-    assert images.shape == (2, 16, 16, 3)
+    theirs = stock(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(2), output_type="np")
+    ours = run(pipe, seed=2, batch_size=2)
+    assert ours.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(ours, theirs.images, atol=1e-6)  # the same ops in the same order: float32 rounding
+    # eta = 1: diffusers' pipeline draws the DDIM noise from the global generator (it does not pass its generator to
+    # the scheduler); ours does the same when no generator is given
+    images = []
+    for pipeline in (stock, pipe):
+        torch.manual_seed(4)
+        images.append(pipeline(batch_size=2, num_inference_steps=3, eta=1.0, output_type="np").images)
+    np.testing.assert_allclose(images[1], images[0], atol=1e-6)
+
+
+def test_loads_diffusers_super_resolution_ldm_layout(tmp_path):
+    """diffusers' LDMSuperResolutionPipeline layout (CompVis/ldm-super-resolution-4x-openimages) samples as that
+    pipeline does: the low-resolution image concatenated to z_t, decoded without a latent scale, 4x larger."""
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline
+    from PIL import Image
+
+    vqvae, unet = _tiny_vq_and_unet(4, 6)
+    vqvae.register_to_config(scaling_factor=0.18215)  # ignored by diffusers' pipeline: ours must ignore it too
+    stock = LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler(clip_sample=False))
+    stock.set_progress_bar_config(disable=True)
+    stock.save_pretrained(tmp_path)
+    pipe = LDMPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    low = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    theirs = stock(image=low, num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="np").images
+    ours = run(pipe, seed=3, image=low)
+    assert ours.shape == theirs.shape == (1, 128, 128, 3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)  # the stock pipeline normalises the image in another order
 
 
 def test_hub_ids_are_downloaded_then_loaded_without_remote_code(tmp_path, monkeypatch):

@@ -162,6 +162,10 @@ class LDMPipeline(DiffusionPipeline):
                 load["use_safetensors"] = True
                 load["dtype"] = dtype
             components[ours] = component_cls.from_pretrained(folder, **load)
+        if index.get("_class_name") == "LDMSuperResolutionPipeline":
+            # diffusers' super-resolution pipeline decodes its latents as they are, whatever the VQModel's
+            # scaling_factor says (CompVis' bsr_sr: scale 1.0); ours divides by it
+            components["vae"].register_to_config(scaling_factor=1.0)
         return cls(**components)
 
     def push_to_hub(
