@@ -603,7 +603,7 @@ def test_generate_accepts_good_flag_values(case):
 
 @examples(15)
 @given(case=st.one_of(
-    st.tuples(st.just("--scheduler"), st.text(max_size=8).filter(lambda s: s not in SAMPLERS)),
+    st.tuples(st.just("--scheduler"), st.text(max_size=8).filter(lambda s: s not in SAMPLERS and s != "model")),
     st.tuples(st.just("--device"), st.sampled_from(["gpu", "cuda:x", "tpu", "", "cpu:zero", "meta"])),
     st.tuples(st.just("--out"), st.sampled_from(["grid.xyz", "grid", "out.", "no-such-dir/x.png"])),
 ))

@@ -234,7 +234,7 @@ def test_layout_encoder_tokens_and_validation():
     assert bins[0, 0].tolist() == [1, 1, 4, 4]  # round(0.1 * 7), round(0.5 * 7) ...
     tokens = enc([BOXES, []])
     assert tokens.shape == (2, 4, 16)
-    torch.testing.assert_close(tokens[1:], enc.null(1))
+    torch.testing.assert_close(tokens[1:], enc([[]]))  # the empty layout (the null input) alone, batched or not
     assert not torch.allclose(tokens[0], tokens[1])
     moved = enc([[(1, (0.5, 0.1, 0.9, 0.6)), BOXES[1]]])
     assert not torch.allclose(moved, tokens[:1])  # the box position matters

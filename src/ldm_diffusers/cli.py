@@ -69,11 +69,14 @@ def generate_parser() -> argparse.ArgumentParser:
                         'such lists (one image each).')
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--batch", type=positive_int, default=1, help="Images per prompt (or unconditional images).")
-    p.add_argument("--steps", type=positive_int, default=50, help="Sampler steps.")
+    # the defaults: the fastest setting whose FID on the built-in model is within 5% of DDIM 50
+    # (benchmarks/results/sampler_study: DPM-Solver++ 10 steps, FID 134.2 vs 131.8, 0.12 s vs 0.49 s per image)
+    p.add_argument("--steps", type=positive_int, default=10, help="Sampler steps.")
     p.add_argument("--guidance_scale", type=non_negative_float, default=None,
                    help="Classifier-free guidance (1 = off). Default: 3.0 where the model has an unconditional input "
                         "to guide against (prompts, classes with a null class), else 1.")
-    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default=None, help="Default: the model's own.")
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS) + ["model"], default="dpm++",
+                   help="Sampler, on the model's own noise schedule ('model': the model's own scheduler as saved).")
     p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta.")
     p.add_argument("--seed", type=int_type(0, 2**64 - 1), default=0)
     p.add_argument("--height", type=positive_int, default=None, help="A multiple of the autoencoder's f.")
@@ -208,7 +211,7 @@ def _generate(argv):
 
     a = parse_generate_args(argv)
     pipe = LDMPipeline.from_pretrained(a.model).to(a.device)
-    if a.scheduler:
+    if a.scheduler != "model":
         pipe.scheduler = switch_sampler(pipe.scheduler, a.scheduler)
     check_generate_args(generate_parser(), a, pipe)
     inputs = _conditioning_inputs(a)

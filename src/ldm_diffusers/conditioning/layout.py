@@ -55,6 +55,8 @@ class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
     """Layouts -> tokens [B, max_objects, context_dim]. A layout is a list of ``(class_id, (x0, y0, x1, y1))``
     with coordinates in [0, 1] (x to the right, y down) and ``x0 <= x1``, ``y0 <= y1``."""
 
+    has_null_layout = True  # the empty layout is the null input condition dropout trains it with
+
     @register_to_config
     def __init__(
         self,
@@ -100,9 +102,6 @@ class LayoutEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
             tokens = tokens + table(bins[..., k])
         return self.norm(self.transformer(tokens))
 
-    def null(self, batch_size: int) -> torch.Tensor:
-        return self([[] for _ in range(batch_size)])
-
     def _card_details(self) -> CardDetails:
         """Description, tags, pipeline tag and table rows for this encoder's model card."""
         config = self.config
@@ -122,6 +121,8 @@ class LayoutBERTEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
     ``vocab_size - 1`` three times; then the crop's two corners, (0, 0) and (1, 1) for the whole image. Objects keep
     the caller's order (taming shuffles them while training). Layouts are as :class:`LayoutEncoder` takes them.
     The released model was trained without a null layout, so it has no classifier-free guidance."""
+
+    has_null_layout = False
 
     @register_to_config
     def __init__(self, vocab_size: int = 8192, max_objects: int = 30, num_classes: int = 601, d_model: int = 1280,
@@ -195,7 +196,7 @@ class LayoutMode(ConditioningMode):
 
     def null_values(self, pipe, values):
         """Empty layouts, where the encoder was trained with them as the null input (not CompVis' layout model)."""
-        if not hasattr(pipe.layout_encoder, "null"):
+        if not pipe.layout_encoder.has_null_layout:
             return None
         return {"layout": [[] for _ in as_layout_batch(values["layout"])]}
 
