@@ -141,15 +141,18 @@ class LDMPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"No model_index.json in '{folder}': not a saved pipeline folder.")
         index = json.loads(index_file.read_text())
         if "vqvae" in index:
-            return cls._from_diffusers_ldm_layout(folder, index, dtype)
+            return cls._from_diffusers_ldm_layout(folder, index, dtype, kwargs)
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(folder, dtype=dtype, **kwargs)
 
     @classmethod
-    def _from_diffusers_ldm_layout(cls, folder: Path, index: dict, dtype: torch.dtype):
+    def _from_diffusers_ldm_layout(cls, folder: Path, index: dict, dtype: torch.dtype, kwargs: dict | None = None):
+        # components passed by name (ours or diffusers') replace the saved ones, as in DiffusionPipeline.from_pretrained
+        names = {**DIFFUSERS_LDM_NAMES, **{c: c for c in ("vae", "text_encoder", *cls._optional_components)}}
+        passed = {names[k]: v for k, v in (kwargs or {}).items() if k in names}
         components = {}
         for name, ours in DIFFUSERS_LDM_NAMES.items():
-            if name not in index or index[name][0] is None:
+            if name not in index or index[name][0] is None or ours in passed:
                 continue
             library, class_name = index[name]
             if library in ("diffusers", "transformers"):
@@ -158,15 +161,16 @@ class LDMPipeline(DiffusionPipeline):
                 module = importlib.import_module(f"diffusers.pipelines.{library}")
             component_cls = getattr(module, class_name)
             load = {"subfolder": name}
-            if name not in ("tokenizer", "scheduler"):
+            # weights from safetensors only, for any model class, whatever its slot (not by the slot's name)
+            if isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module):
                 load["use_safetensors"] = True
                 load["dtype"] = dtype
             components[ours] = component_cls.from_pretrained(folder, **load)
-        if index.get("_class_name") == "LDMSuperResolutionPipeline":
+        if index.get("_class_name") == "LDMSuperResolutionPipeline" and "vae" in components:
             # diffusers' super-resolution pipeline decodes its latents as they are, whatever the VQModel's
             # scaling_factor says (CompVis' bsr_sr: scale 1.0); ours divides by it
             components["vae"].register_to_config(scaling_factor=1.0)
-        return cls(**components)
+        return cls(**components, **passed)
 
     def push_to_hub(
         self,
@@ -476,12 +480,13 @@ class LDMPipeline(DiffusionPipeline):
             cond = Conditioning.cat([null.repeat_interleave(num_images_per_prompt), cond])
 
         shape = (total, self.unet.config.out_channels, height // f, width // f)
-        latents = self.prepare_latents(shape, self.unet.dtype, generator, latents)
         # timesteps stay on the CPU, where the schedulers' tables (alphas_cumprod, sigmas) live: on a GPU,
         # device timesteps make every step() index a CPU table with a GPU scalar, a synchronising copy
         # (measured on an H100: 1.28x the stock pipeline's time per image with DPM++, 1.01x without;
-        # benchmarks/results/stage2_h100/)
+        # benchmarks/results/stage2_h100/). They are set before the starting noise is scaled: LMS / Euler's
+        # init_noise_sigma depends on the first sampled timestep.
         self.scheduler.set_timesteps(num_inference_steps)
+        latents = self.prepare_latents(shape, self.unet.dtype, generator, latents)
         extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra["generator"] = generator
