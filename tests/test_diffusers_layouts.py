@@ -185,19 +185,26 @@ def test_text_to_image_guidance_below_one(text2im):
 
 
 # -- CompVis/ldm-celebahq-256 ---------------------------------------------------------------------------------
-def _uncond(folder):
-    from diffusers import LDMPipeline as StockLDMPipeline
+def _vq_and_unet(in_channels: int):
+    """A VQ-f4 autoencoder with 3 latent channels and a UNet2DModel taking ``in_channels`` (seed 0, eval mode)."""
     from diffusers import UNet2DModel, VQModel
 
     torch.manual_seed(0)
-    # f = 4 with 3 latent channels, as the Hub model (scaling_factor: VQModel's default, written by save_pretrained)
     vqvae = VQModel(block_out_channels=(32,) * 3, down_block_types=("DownEncoderBlock2D",) * 3,
                     up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=3, num_vq_embeddings=16,
                     norm_num_groups=32, sample_size=32)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                       norm_num_groups=32, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    unet = UNet2DModel(sample_size=8, in_channels=in_channels, out_channels=3, block_out_channels=(32, 64),
+                       layers_per_block=1, norm_num_groups=32, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
     _eval(vqvae, unet)
+    return vqvae, unet
+
+
+def _uncond(folder):
+    from diffusers import LDMPipeline as StockLDMPipeline
+
+    # f = 4 with 3 latent channels, as the Hub model (scaling_factor: VQModel's default, written by save_pretrained)
+    vqvae, unet = _vq_and_unet(in_channels=3)
     stock = StockLDMPipeline(vqvae=vqvae, unet=unet, scheduler=_ddim())
     return _save(stock, folder)
 
@@ -281,17 +288,10 @@ def test_unconditional_hub_config_without_scaling_factor(uncond, tmp_path):
 
 # -- CompVis/ldm-super-resolution-4x-openimages -----------------------------------------------------------------
 def _super_resolution(folder):
-    from diffusers import LDMSuperResolutionPipeline, UNet2DModel, VQModel
+    from diffusers import LDMSuperResolutionPipeline
 
-    torch.manual_seed(0)
     # f = 4, 3 latent channels; the UNet takes z_t and the low-resolution image: 6 channels
-    vqvae = VQModel(block_out_channels=(32,) * 3, down_block_types=("DownEncoderBlock2D",) * 3,
-                    up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=3, num_vq_embeddings=16,
-                    norm_num_groups=32, sample_size=32)
-    unet = UNet2DModel(sample_size=8, in_channels=6, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                       norm_num_groups=32, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
-    _eval(vqvae, unet)
+    vqvae, unet = _vq_and_unet(in_channels=6)
     stock = LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=_ddim())
     return _save(stock, folder)
 

@@ -41,16 +41,15 @@ class FastSampling:
     unet: torch.nn.Module
     decode: object
     compile_seconds: dict = field(default_factory=dict)
-    _seen: set = field(default_factory=set)
 
     def timed(self, name: str, key, fn, *args, **kwargs):
         """``fn(*args, **kwargs)``; the first call for ``(name, key)`` is timed as compilation."""
-        if (name, key) in self._seen:
+        label = f"{name} {key}"
+        if label in self.compile_seconds:
             return fn(*args, **kwargs)
         start = time.perf_counter()
         out = fn(*args, **kwargs)
-        self._seen.add((name, key))
-        self.compile_seconds[f"{name} {key}"] = time.perf_counter() - start
+        self.compile_seconds[label] = time.perf_counter() - start
         return out
 
 
