@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
 from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
@@ -33,7 +32,18 @@ from ..utils.arguments import (
     probability,
     seed_type,
 )
-from .checkpointing import StopRequest, append_log, resume, save_checkpoint
+from .checkpointing import append_log
+from .loop import (
+    Throughput,
+    TrainingLoop,
+    adam_kwargs,
+    add_speed_arguments,
+    compile_module,
+    data_loader,
+    init_trackers,
+    make_accelerator,
+    to_channels_last,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +122,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the autoencoder; saved as final weights.")
     g.add_argument("--ema_decay", type=probability, default=0.999)
     g.add_argument("--seed", type=seed_type, default=0)
+    add_speed_arguments(p.add_argument_group("speed"))
 
     g = p.add_argument_group("output, checkpoints, validation")
     g.add_argument("--output_dir", default="outputs/autoencoder")
@@ -215,25 +226,99 @@ def _check_finite(value: torch.Tensor, name: str, step: int) -> None:
         )
 
 
+def build_loss(args, model, device) -> AutoencoderLoss:
+    """L_rec + L_perc + L_reg + adaptive-weight adversarial loss, with its PatchGAN discriminator."""
+    discriminator = NLayerDiscriminator(
+        in_channels=model.config.out_channels, base_channels=args.disc_channels, n_layers=args.disc_layers,
+        norm=args.disc_norm,
+    )
+    return AutoencoderLoss(
+        regularization="vq" if isinstance(model, LDMVQModel) else "kl",
+        perceptual_loss=build_perceptual_loss(args.perceptual_loss, args.vgg16_weights_path),
+        discriminator=discriminator,
+        pixel_loss=args.pixel_loss,
+        perceptual_weight=args.perceptual_weight,
+        kl_weight=args.kl_weight,
+        codebook_weight=args.codebook_weight,
+        commitment_beta=args.commitment_beta,
+        disc_start=args.disc_start,
+        disc_factor=args.disc_factor,
+        disc_weight=args.disc_weight,
+        disc_loss=args.disc_loss,
+    ).to(device)
+
+
+def make_optimisers(args, accelerator, model, loss_fn, batches_per_epoch: int):
+    """(autoencoder Adam, discriminator Adam, LR schedule of the autoencoder); sets ``args.max_train_steps``
+    from ``--num_train_epochs``."""
+    from diffusers.optimization import get_scheduler
+
+    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    betas = (args.adam_beta1, args.adam_beta2)
+    ae_params = list(model.parameters()) + loss_fn.generator_parameters()
+    opt_ae = torch.optim.Adam(ae_params, lr=args.learning_rate * scale, betas=betas,
+                              weight_decay=args.adam_weight_decay, **adam_kwargs(args.adam_implementation, ae_params))
+    disc_params = list(loss_fn.discriminator.parameters())
+    opt_disc = torch.optim.Adam(disc_params, lr=(args.disc_learning_rate or args.learning_rate) * scale, betas=betas,
+                                weight_decay=args.adam_weight_decay,
+                                **adam_kwargs(args.adam_implementation, disc_params))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps / accelerator.num_processes)
+    if args.num_train_epochs:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    lr_sched = get_scheduler(
+        args.lr_scheduler, opt_ae, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    return opt_ae, opt_disc, lr_sched
+
+
+def optimisation_step(accelerator, args, x, step: int, model, raw_model, loss_fn, discriminator_ddp, opt_ae, opt_disc,
+                      lr_sched) -> dict:
+    """One (micro-)batch ``x`` [B, 3, H, W] in [-1, 1]: the autoencoder step, then (from ``--disc_start``) the
+    discriminator step on detached reconstructions. Returns the loss terms (tensors)."""
+    is_vq = isinstance(raw_model, LDMVQModel)
+    disc_params = list(loss_fn.discriminator.parameters())
+    with accelerator.accumulate(model, discriminator_ddp):
+        # Autoencoder step: the discriminator is only a critic here, so it gets no gradient.
+        for p in disc_params:
+            p.requires_grad_(False)
+        with accelerator.autocast():
+            out = model(x, **({} if is_vq else {"sample_posterior": True}))  # KL-reg: posterior samples (CompVis)
+            g_loss, logs = loss_fn.generator_loss(
+                x, out.sample, step, last_layer=raw_model.last_layer(),
+                posterior=None if is_vq else out.posterior, quantizer=out.quantizer if is_vq else None,
+            )
+        _check_finite(g_loss.detach(), "The autoencoder loss", step)
+        accelerator.backward(g_loss)
+        if accelerator.sync_gradients:
+            if accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
+                loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt_ae.step()
+        lr_sched.step()
+        opt_ae.zero_grad(set_to_none=True)
+
+        for p in disc_params:
+            p.requires_grad_(True)
+        if step >= args.disc_start:
+            with accelerator.autocast():
+                d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample.detach(), step, discriminator=discriminator_ddp)
+            _check_finite(d_loss.detach(), "The discriminator loss", step)
+            accelerator.backward(d_loss)
+            opt_disc.step()
+            opt_disc.zero_grad(set_to_none=True)
+            logs.update(d_logs)
+    return logs
+
+
 def train(args: argparse.Namespace) -> dict:
     """Train, save the autoencoder (with its estimated scaling factor) to ``args.output_dir`` and
     return the final evaluation metrics."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    set_seed(args.seed)
+    accelerator = make_accelerator(args, output_dir, "logs")
 
     # Data -----------------------------------------------------------------------------------
     with accelerator.main_process_first():
@@ -246,60 +331,24 @@ def train(args: argparse.Namespace) -> dict:
     column = image_column_of(train_ds, args.image_column)
     train_ds.set_transform(pixel_transform(column, args.resolution, args.center_crop, args.random_flip))
     val_ds.set_transform(pixel_transform(column, args.resolution, center_crop=True))
-    train_dl = torch.utils.data.DataLoader(
-        train_ds, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_pixels,
-        num_workers=args.dataloader_num_workers, drop_last=len(train_ds) >= args.train_batch_size,
-        # A private generator: creating a DataLoader iterator draws a seed from it, and drawing from the
-        # global RNG instead would shift the random stream on resume (the RNG state is checkpointed).
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    train_dl = data_loader(train_ds, args, collate_pixels, accelerator.device)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels)
 
-    # Model and loss -----------------------------------------------------------------------------
+    # Model, loss, optimisers ----------------------------------------------------------------------
     model = build_autoencoder(args)
     if args.resolution % model.downsampling_factor:
         raise SystemExit(f"--resolution {args.resolution} is not divisible by f={model.downsampling_factor}.")
-    is_vq = isinstance(model, LDMVQModel)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    discriminator = NLayerDiscriminator(
-        in_channels=model.config.out_channels, base_channels=args.disc_channels, n_layers=args.disc_layers,
-        norm=args.disc_norm,
-    )
-    loss_fn = AutoencoderLoss(
-        regularization="vq" if is_vq else "kl",
-        perceptual_loss=build_perceptual_loss(args.perceptual_loss, args.vgg16_weights_path),
-        discriminator=discriminator,
-        pixel_loss=args.pixel_loss,
-        perceptual_weight=args.perceptual_weight,
-        kl_weight=args.kl_weight,
-        codebook_weight=args.codebook_weight,
-        commitment_beta=args.commitment_beta,
-        disc_start=args.disc_start,
-        disc_factor=args.disc_factor,
-        disc_weight=args.disc_weight,
-        disc_loss=args.disc_loss,
-    ).to(accelerator.device)
-
-    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
-    betas = (args.adam_beta1, args.adam_beta2)
-    opt_ae = torch.optim.Adam(
-        list(model.parameters()) + loss_fn.generator_parameters(), lr=args.learning_rate * scale, betas=betas,
-        weight_decay=args.adam_weight_decay,
-    )
-    opt_disc = torch.optim.Adam(
-        discriminator.parameters(), lr=(args.disc_learning_rate or args.learning_rate) * scale, betas=betas,
-        weight_decay=args.adam_weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps / accelerator.num_processes)
-    if args.num_train_epochs:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_sched = get_scheduler(
-        args.lr_scheduler, opt_ae, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+    loss_fn = build_loss(args, model, accelerator.device)
+    if args.channels_last:
+        to_channels_last(model, loss_fn)
+    if args.compile:
+        compile_module(model)
+        compile_module(loss_fn.discriminator)
+    opt_ae, opt_disc, lr_sched = make_optimisers(args, accelerator, model, loss_fn, len(train_dl))
     model, discriminator_ddp, opt_ae, opt_disc, train_dl, lr_sched = accelerator.prepare(
-        model, discriminator, opt_ae, opt_disc, train_dl, lr_sched
+        model, loss_fn.discriminator, opt_ae, opt_disc, train_dl, lr_sched
     )
     raw_model = accelerator.unwrap_model(model)
     accelerator.register_for_checkpointing(_LossParameters(loss_fn))
@@ -308,16 +357,10 @@ def train(args: argparse.Namespace) -> dict:
         ema = EMAModel(raw_model.parameters(), decay=args.ema_decay, model_cls=type(raw_model), model_config=raw_model.config)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    init_trackers(accelerator, args, output_dir, "train_autoencoder")
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if args.report_to != "none":
-            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-            accelerator.init_trackers("train_autoencoder", config=config)
-
-    # Resume -----------------------------------------------------------------------------------
-    global_step, first_epoch, resume_batches = resume(accelerator, output_dir, args.resume_from_checkpoint)
-
+    # Resume, validation -----------------------------------------------------------------------
+    loop = TrainingLoop(accelerator, args, output_dir, train_dl, "train autoencoder")
     val_images = torch.stack([val_ds[i]["pixel_values"] for i in range(min(args.num_validation_images, len(val_ds)))])
     val_images = val_images.to(accelerator.device)
 
@@ -334,95 +377,38 @@ def train(args: argparse.Namespace) -> dict:
                 tracker.writer.add_image("validation/reconstructions", np.asarray(grid), step, dataformats="HWC")
 
     logger.info(
-        "Training %s-reg f=%d autoencoder (%.2fM params) on %d images for %d steps.",
-        "VQ" if is_vq else "KL", raw_model.downsampling_factor, sum(p.numel() for p in raw_model.parameters()) / 1e6,
-        len(train_ds), args.max_train_steps,
+        "Training %s-reg f=%d autoencoder (%.2fM params) on %d images for %d steps%s.",
+        "VQ" if isinstance(raw_model, LDMVQModel) else "KL", raw_model.downsampling_factor,
+        sum(p.numel() for p in raw_model.parameters()) / 1e6, len(train_ds), args.max_train_steps,
+        ", compiled" if args.compile else "",
     )
-    progress = tqdm(
-        total=args.max_train_steps, initial=global_step, desc="train autoencoder",
-        disable=not accelerator.is_local_main_process,
-    )
-    disc_params = list(discriminator.parameters())
-    sample_posterior = {} if is_vq else {"sample_posterior": True}  # KL-reg trains on posterior samples (CompVis)
-    epoch = first_epoch
-    batches_in_epoch = 0
-    done = global_step >= args.max_train_steps
-    stop = StopRequest()
-    while not done:
-        train_dl.set_epoch(epoch)
-        loader = train_dl
-        batches_in_epoch = 0
-        if epoch == first_epoch and resume_batches:
-            loader = accelerator.skip_first_batches(train_dl, resume_batches)
-            batches_in_epoch = resume_batches
-        for batch in loader:
-            batches_in_epoch += 1
-            x = batch["pixel_values"]
-            with accelerator.accumulate(model, discriminator_ddp):
-                # Autoencoder step: the discriminator is only a critic here, so it gets no gradient.
-                for p in disc_params:
-                    p.requires_grad_(False)
-                with accelerator.autocast():
-                    out = model(x, **sample_posterior)
-                    g_loss, logs = loss_fn.generator_loss(
-                        x, out.sample, global_step, last_layer=raw_model.last_layer(),
-                        posterior=None if is_vq else out.posterior, quantizer=out.quantizer if is_vq else None,
-                    )
-                _check_finite(g_loss.detach(), "The autoencoder loss", global_step)
-                accelerator.backward(g_loss)
-                if accelerator.sync_gradients:
-                    if accelerator.num_processes > 1 and loss_fn.logvar.grad is not None:
-                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, "mean")
-                    if args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                opt_ae.step()
-                lr_sched.step()
-                opt_ae.zero_grad(set_to_none=True)
 
-                # Discriminator step, on detached reconstructions, once the adversarial game has started.
-                for p in disc_params:
-                    p.requires_grad_(True)
-                if global_step >= args.disc_start:
-                    with accelerator.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(
-                            x, out.sample.detach(), global_step, discriminator=discriminator_ddp
-                        )
-                    _check_finite(d_loss.detach(), "The discriminator loss", global_step)
-                    accelerator.backward(d_loss)
-                    opt_disc.step()
-                    opt_disc.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
-
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if ema is not None:
-                ema.step(raw_model.parameters())
-            progress.update(1)
-            if global_step % args.logging_steps == 0 or global_step == 1:
-                scalars = {k: float(v) for k, v in logs.items()}
-                scalars["lr"] = lr_sched.get_last_lr()[0]
-                accelerator.log(scalars, step=global_step)
-                if accelerator.is_main_process:
-                    append_log(output_dir, global_step, scalars)
-                progress.set_postfix(rec=f"{scalars['rec_loss']:.4f}", loss=f"{scalars['loss']:.4g}")
-            stopping = stop.should_stop(accelerator)
-            if stopping:
-                logger.warning("Stop signal received: saving a checkpoint at step %d and finishing.", global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps or stopping:
-                save_checkpoint(
-                    accelerator, output_dir,
-                    {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                    args.checkpoints_total_limit,
-                )
-            if args.validation_steps and global_step % args.validation_steps == 0:
-                validate(global_step)
-            if global_step >= args.max_train_steps or stopping:
-                done = True
-                break
-        else:
-            epoch += 1
-    progress.close()
+    # The loop -----------------------------------------------------------------------------------
+    throughput = Throughput()
+    for batch in loop.batches():
+        x = batch["pixel_values"]
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logs = optimisation_step(accelerator, args, x, loop.global_step, model, raw_model, loss_fn, discriminator_ddp,
+                                 opt_ae, opt_disc, lr_sched)
+        throughput.add(x.shape[0] * accelerator.num_processes)
+        if not accelerator.sync_gradients:
+            continue
+        loop.step_done()
+        if ema is not None:
+            ema.step(raw_model.parameters())
+        step = loop.global_step
+        if step % args.logging_steps == 0 or step == 1:
+            scalars = {k: float(v) for k, v in logs.items()}
+            scalars.update(lr=lr_sched.get_last_lr()[0], **throughput.read())
+            accelerator.log(scalars, step=step)
+            if accelerator.is_main_process:
+                append_log(output_dir, step, scalars)
+            loop.progress.set_postfix(rec=f"{scalars['rec_loss']:.4f}", loss=f"{scalars['loss']:.4g}")
+        loop.checkpoint_if_due()
+        if args.validation_steps and step % args.validation_steps == 0:
+            validate(step)
+    loop.close()
 
     # Final model: EMA weights if kept, scaling factor from data, metrics on the held-out split ---
     accelerator.wait_for_everyone()
@@ -430,21 +416,22 @@ def train(args: argparse.Namespace) -> dict:
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(raw_model.parameters())
-        validate(global_step)
+        validate(loop.global_step)
         factor = estimate_scaling_factor(
             raw_model, torch.utils.data.DataLoader(train_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels),
             max_images=args.scaling_factor_samples,
         )
         results = evaluate_and_save(raw_model, val_dl, output_dir, args)
-        results.update(scaling_factor=factor, steps=global_step, stopped_by_signal=stop.requested)
+        results.update(scaling_factor=factor, steps=loop.global_step, stopped_by_signal=loop.stop.requested,
+                       **{f"train_{k}": v for k, v in throughput.summary().items()})
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=global_step)
+        accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=loop.global_step)
         logger.info("Final metrics: %s", results)
         if args.push_to_hub:
             from ..hub import push_autoencoder
 
             push_autoencoder(output_dir, args, results)
-    stop.close()  # only now: a late signal must not kill the final save and evaluation
+    loop.stop.close()  # only now: a late signal must not kill the final save and evaluation
     accelerator.end_training()
     return results
 

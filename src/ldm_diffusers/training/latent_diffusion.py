@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..conditioning import MODES, Conditioning, TrainingColumns
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
@@ -46,8 +44,19 @@ from ..utils.arguments import (
     probability,
     seed_type,
 )
-from .checkpointing import StopRequest, append_log, resume, save_checkpoint
+from .checkpointing import append_log
 from .latent_cache import at_least_float32, encode_latent_moments
+from .loop import (
+    Throughput,
+    TrainingLoop,
+    adam_kwargs,
+    add_speed_arguments,
+    compile_module,
+    data_loader,
+    init_trackers,
+    make_accelerator,
+    to_channels_last,
+)
 from .sample_evaluation import fixed_validation_inputs
 
 logger = logging.getLogger(__name__)
@@ -150,6 +159,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention (CUDA); PyTorch SDPA is the default.")
     g.add_argument("--seed", type=seed_type, default=0)
+    add_speed_arguments(p.add_argument_group("speed"))
 
     g = p.add_argument_group("output, checkpoints, validation")
     g.add_argument("--output_dir", default="outputs/ldm")
@@ -401,7 +411,7 @@ def draw_noise(gens, latent_shape, num_train_timesteps: int, dropout: float) -> 
     return {name: torch.stack(values) for name, values in draws.items()}
 
 
-# -- the loop ---------------------------------------------------------------------------------------
+# -- data -------------------------------------------------------------------------------------------
 class IndexedDataset(torch.utils.data.Dataset):
     """Rows of a transformed ``datasets.Dataset`` with their index (which seeds the example's randomness)."""
 
@@ -415,40 +425,8 @@ class IndexedDataset(torch.utils.data.Dataset):
         return {**self.dataset[i], "index": i}
 
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"The diffusion loss became {loss.item()} at step {step}. Lower --learning_rate, use --mixed_precision "
-            "bf16 instead of fp16, or keep --max_grad_norm; then resume with --resume_from_checkpoint latest."
-        )
-
-
-def train(args: argparse.Namespace) -> dict:
-    """Train, save the ``LDMPipeline`` to ``args.output_dir`` and return a summary."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel, compute_snr
-
-    from ..models.autoencoders import latent_scaling_factor
-    from ..schedulers import ldm_scheduler
-
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    set_seed(args.seed)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    mode = CONDITIONINGS[args.conditioning]
-
-    # Data ---------------------------------------------------------------------------------------
+def load_splits(args, accelerator):
+    """(train, validation) ``datasets.Dataset`` of the run (``--max_train_samples`` applied)."""
     with accelerator.main_process_first():
         train_ds, val_ds = load_image_splits(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.resolution, 0.1, args.seed,
@@ -458,7 +436,12 @@ def train(args: argparse.Namespace) -> dict:
         train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
     if args.class_column is None:
         args.class_column = "label" if "label" in train_ds.column_names or "group_id" not in train_ds.column_names else "group_id"
-    vae, unet, trainable, frozen = build_models(args, train_ds)
+    return train_ds, val_ds
+
+
+def set_up_columns(args, mode, train_ds, val_ds, vae) -> tuple[TrainingColumns, dict]:
+    """Check that the datasets have the mode's columns and set their per-example transforms; returns
+    (columns, the columns the mode reads)."""
     columns = TrainingColumns(args.caption_column, args.class_column, args.layout_column, args.segmentation_column,
                               vae.downsampling_factor)
     needed = mode.dataset_columns(columns) if mode is not None else {}
@@ -472,39 +455,48 @@ def train(args: argparse.Namespace) -> dict:
     image_column = image_column_of(train_ds, args.image_column)
     train_ds.set_transform(example_transform(image_column, args.resolution, args.center_crop, args.random_flip, needed))
     val_ds.set_transform(example_transform(image_column, args.resolution, True, False, needed))
+    return columns, needed
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for module in [vae] + [m for m in frozen.values() if isinstance(m, nn.Module)]:
-        module.requires_grad_(False).eval().to(accelerator.device)
-        if weight_dtype != torch.float32:  # frozen parts run in the mixed-precision dtype, as in diffusers
+
+def training_rows(args, accelerator, train_ds, vae, mode, columns, needed, frozen, output_dir: Path):
+    """What the loader draws from: the dataset's rows, or their latent cache (``--cache_latents``)."""
+    rows = IndexedDataset(train_ds)
+    if not args.cache_latents:
+        return rows
+    from .latent_cache import build_latent_cache, weights_digest
+
+    text_frozen = _text_frozen(args, frozen)
+    settings = {
+        "vae": weights_digest(vae), "dataset": train_ds._fingerprint, "resolution": args.resolution,
+        "center_crop": args.center_crop, "random_flip": args.random_flip, "columns": needed, "seed": args.seed,
+        "mode": args.conditioning, "text": weights_digest(frozen["text_encoder"]) if text_frozen else None,
+        "max_prompt_length": args.max_prompt_length, "f": vae.downsampling_factor,
+    }
+    cache_dir = Path(args.latent_cache_dir or output_dir / "latent_cache")
+    with accelerator.main_process_first():
+        return build_latent_cache(
+            rows, vae, mode, columns, cache_dir, settings,
+            (frozen["tokenizer"], frozen["text_encoder"]) if text_frozen else None,
+            batch_size=args.train_batch_size, show_progress=accelerator.is_local_main_process,
+        )
+
+
+def _text_frozen(args, frozen: dict) -> bool:
+    return args.conditioning == "text" and "text_encoder" in frozen
+
+
+# -- models and optimiser ---------------------------------------------------------------------------
+def freeze(modules, device, weight_dtype: torch.dtype) -> None:
+    """Frozen parts: no gradients, eval mode, on the device, in the mixed-precision dtype (as in diffusers)."""
+    for module in modules:
+        module.requires_grad_(False).eval().to(device)
+        if weight_dtype != torch.float32:
             module.to(dtype=weight_dtype)
-    scale = latent_scaling_factor(vae)
-    text_frozen = args.conditioning == "text" and "text_encoder" in frozen
 
-    train_rows = IndexedDataset(train_ds)
-    if args.cache_latents:
-        from .latent_cache import build_latent_cache, weights_digest
 
-        settings = {
-            "vae": weights_digest(vae), "dataset": train_ds._fingerprint, "resolution": args.resolution,
-            "center_crop": args.center_crop, "random_flip": args.random_flip, "columns": needed, "seed": args.seed,
-            "mode": args.conditioning, "text": weights_digest(frozen["text_encoder"]) if text_frozen else None,
-            "max_prompt_length": args.max_prompt_length, "f": vae.downsampling_factor,
-        }
-        cache_dir = Path(args.latent_cache_dir or output_dir / "latent_cache")
-        with accelerator.main_process_first():
-            train_rows = build_latent_cache(
-                train_rows, vae, mode, columns, cache_dir, settings,
-                (frozen["tokenizer"], frozen["text_encoder"]) if text_frozen else None,
-                batch_size=args.train_batch_size, show_progress=accelerator.is_local_main_process,
-            )
-    train_dl = torch.utils.data.DataLoader(
-        train_rows, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate_examples,
-        num_workers=args.dataloader_num_workers, drop_last=len(train_rows) >= args.train_batch_size,
-        generator=torch.Generator().manual_seed(args.seed),  # private: see training/autoencoder.py
-    )
-
-    # Model, optimiser, schedules ------------------------------------------------------------------
+def make_denoiser(args, accelerator, unet, mode, trainable: dict, frozen: dict, vae) -> Denoiser:
+    """The trained module with the run's switches: xformers, gradient checkpointing, channels-last and
+    ``--compile`` (which also compiles, frozen, the encoders that run every step)."""
     if args.enable_xformers_memory_efficient_attention:
         from ..utils.attention import require_xformers
 
@@ -515,29 +507,164 @@ def train(args: argparse.Namespace) -> dict:
         if "text_encoder" in trainable:  # transformers 5 renamed it (the old name warns); 4.x has only the old one
             encoder = trainable["text_encoder"]
             getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
-    denoiser = Denoiser(unet, mode, trainable, frozen)
-    noise_scheduler = ldm_scheduler("ddpm", args.noise_schedule, args.prediction_type, args.num_train_timesteps)
+    if args.channels_last:
+        to_channels_last(unet, vae)
+    if args.compile:
+        compile_module(unet)
+        if not args.cache_latents or (mode is not None and mode.kind == "concat"):
+            compile_module(vae.encoder, frozen=True)
+        if _text_frozen(args, frozen) and not args.cache_latents:
+            compile_module(frozen["text_encoder"], frozen=True, fullgraph=False)
+    return Denoiser(unet, mode, trainable, frozen)
+
+
+def make_optimiser(args, accelerator, denoiser: Denoiser, batches_per_epoch: int):
+    """AdamW (torch's fused kernel where the device has one, or bitsandbytes' 8-bit) and the LR schedule;
+    sets ``args.max_train_steps`` from ``--num_train_epochs``."""
+    from diffusers.optimization import get_scheduler
+
     lr = args.learning_rate * (
         args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
     )
-    optimizer_cls = torch.optim.AdamW
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer_cls, kwargs = torch.optim.AdamW, adam_kwargs(args.adam_implementation, params)
     if args.use_8bit_adam:
         try:
             import bitsandbytes
         except ImportError as err:
             raise SystemExit("--use_8bit_adam needs bitsandbytes (`pip install bitsandbytes`, CUDA).") from err
-        optimizer_cls = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_cls(
-        [p for p in denoiser.parameters() if p.requires_grad], lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
-    steps_per_epoch = math.ceil(len(train_dl) / args.gradient_accumulation_steps / accelerator.num_processes)
+        optimizer_cls, kwargs = bitsandbytes.optim.AdamW8bit, {}
+    optimizer = optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                              weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **kwargs)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps / accelerator.num_processes)
     if args.num_train_epochs:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     lr_sched = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
+    return optimizer, lr_sched
+
+
+# -- one optimisation step --------------------------------------------------------------------------
+class DiffusionObjective:
+    """The LDM objective on one batch (see the module docstring): ``objective(batch, epoch, denoiser)`` -> loss.
+
+    ``null_context``: the empty prompt's frozen tokens, which condition dropout swaps in for cached tokens."""
+
+    def __init__(self, args, mode, columns, vae, noise_scheduler, weight_dtype: torch.dtype, device,
+                 null_context: torch.Tensor | None = None):
+        from diffusers.training_utils import compute_snr
+
+        from ..models.autoencoders import latent_scaling_factor
+
+        self.args, self.mode, self.columns, self.vae = args, mode, columns, vae
+        self.noise_scheduler, self.weight_dtype, self.device = noise_scheduler, weight_dtype, device
+        self.scale = latent_scaling_factor(vae)
+        self.null_context = null_context
+        self._compute_snr = compute_snr
+
+    def latent_moments(self, batch) -> dict[str, torch.Tensor]:
+        """The batch's stage-1 encoding, unscaled: from the cache, or the frozen encoder on its pixels."""
+        if "latent_mean" in batch or "latents" in batch:
+            return {k: batch[k] for k in ("latent_mean", "latent_std", "latents") if k in batch}
+        return encode_latent_moments(self.vae, batch["pixel_values"])
+
+    def clean_latents(self, moments: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """z0 [B, c, h, w], scaled; a KL posterior is sampled with ``posterior_noise``, as CompVis'
+        get_first_stage_encoding."""
+        if "latents" in moments:
+            return at_least_float32(moments["latents"].to(self.device)) * self.scale
+        return (at_least_float32(moments["latent_mean"].to(self.device))
+                + at_least_float32(moments["latent_std"].to(self.device)) * posterior_noise) * self.scale
+
+    def __call__(self, batch, epoch: int, denoiser) -> torch.Tensor:
+        args, device = self.args, self.device
+        gens = example_generators(args.seed, epoch, batch["index"])
+        moments = self.latent_moments(batch)
+        base = moments.get("latents", moments.get("latent_mean"))
+        draws = draw_noise(gens, tuple(base.shape[1:]), self.noise_scheduler.config.num_train_timesteps,
+                           args.conditioning_dropout_prob)
+        draws = {name: value.to(device, non_blocking=True) for name, value in draws.items()}
+        t, drop = draws["t"], draws["drop"]
+        z0 = self.clean_latents(moments, draws["posterior"])
+        noise = draws["noise"] + args.noise_offset * draws["offset"]
+        noisy = self.noise_scheduler.add_noise(z0, noise + args.input_perturbation * draws["perturbation"], t)
+        target = noise if args.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(z0, noise, t)
+
+        raw = getattr(denoiser, "module", denoiser)
+        conditioning, values = None, None
+        if "context" in batch:  # cached frozen text tokens; dropout swaps in the empty prompt's tokens
+            context = batch["context"].to(device, self.weight_dtype)
+            context = torch.where(drop.view(-1, 1, 1), self.null_context.expand_as(context), context)
+            conditioning = Conditioning(context=context)
+        elif self.mode is not None:
+            values = self.mode.training_inputs(batch, self.columns, [np_rng for _, np_rng in gens])
+            values = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+            values = self.mode.drop(raw.components(), values, drop)
+        if self.args.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+            pred = denoiser(noisy, t, values, conditioning)
+        pred, target = at_least_float32(pred), at_least_float32(target)
+        if args.snr_gamma is None:
+            return F.mse_loss(pred, target)
+        snr = self._compute_snr(self.noise_scheduler, t)
+        weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
+        per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_example * weights).mean()
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"The diffusion loss became {loss.item()} at step {step}. Lower --learning_rate, use --mixed_precision "
+            "bf16 instead of fp16, or keep --max_grad_norm; then resume with --resume_from_checkpoint latest."
+        )
+
+
+def optimisation_step(accelerator, args, objective, batch, epoch: int, denoiser, optimizer, lr_sched,
+                      step: int) -> torch.Tensor:
+    """Forward, backward, clip, optimiser and LR step on one (micro-)batch; returns the detached loss."""
+    with accelerator.accumulate(denoiser):
+        loss = objective(batch, epoch, denoiser)
+        _check_finite(loss.detach(), step)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def train(args: argparse.Namespace) -> dict:
+    """Train, save the ``LDMPipeline`` to ``args.output_dir`` and return a summary."""
+    from diffusers.training_utils import EMAModel
+
+    from ..schedulers import ldm_scheduler
+
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir, args.logging_dir)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    mode = CONDITIONINGS[args.conditioning]
+
+    # Build: data splits, models (frozen parts in the mixed-precision dtype) ----------------------------
+    train_ds, val_ds = load_splits(args, accelerator)
+    vae, unet, trainable, frozen = build_models(args, train_ds)
+    columns, needed = set_up_columns(args, mode, train_ds, val_ds, vae)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    freeze([vae] + [m for m in frozen.values() if isinstance(m, nn.Module)], accelerator.device, weight_dtype)
+
+    # Data: the dataset's rows or their latent cache ------------------------------------------------------
+    train_rows = training_rows(args, accelerator, train_ds, vae, mode, columns, needed, frozen, output_dir)
+    train_dl = data_loader(train_rows, args, collate_examples, accelerator.device)
+
+    # The trained module, optimiser, schedules, EMA ---------------------------------------------------
+    denoiser = make_denoiser(args, accelerator, unet, mode, trainable, frozen, vae)
+    optimizer, lr_sched = make_optimiser(args, accelerator, denoiser, len(train_dl))
     denoiser, optimizer, train_dl, lr_sched = accelerator.prepare(denoiser, optimizer, train_dl, lr_sched)
     raw = accelerator.unwrap_model(denoiser)
     ema = None
@@ -545,23 +672,20 @@ def train(args: argparse.Namespace) -> dict:
         ema = EMAModel(raw.unet.parameters(), decay=args.ema_decay, model_cls=type(raw.unet), model_config=raw.unet.config)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-
     null_context = None
-    if text_frozen and args.cache_latents:
+    if _text_frozen(args, frozen) and args.cache_latents:
         from ..conditioning.text import encode_prompts
 
         with torch.no_grad():
             null_context = encode_prompts(frozen["tokenizer"], frozen["text_encoder"], [""]).to(weight_dtype)
+    objective = DiffusionObjective(
+        args, mode, columns, vae, ldm_scheduler("ddpm", args.noise_schedule, args.prediction_type, args.num_train_timesteps),
+        weight_dtype, accelerator.device, null_context,
+    )
+    init_trackers(accelerator, args, output_dir, args.tracker_project_name)
 
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if args.report_to != "none":
-            config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-            accelerator.init_trackers(args.tracker_project_name, config=config)
-
-    # Resume ---------------------------------------------------------------------------------------
-    global_step, first_epoch, resume_batches = resume(accelerator, output_dir, args.resume_from_checkpoint)
-
+    # Resume, validation, evaluation --------------------------------------------------------------------
+    loop = TrainingLoop(accelerator, args, output_dir, train_dl, f"train LDM ({args.conditioning})")
     validation = ValidationSet(args, mode, columns, val_ds)
 
     def validate(step: int):
@@ -582,85 +706,52 @@ def train(args: argparse.Namespace) -> dict:
                 append_log(output_dir, step, scores)
                 logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 
+    def end_of_epoch(epoch: int):
+        if args.validation_epochs and epoch % args.validation_epochs == 0:
+            validate(loop.global_step)
+
     n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s, %d process%s (%s).",
+    logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s, %d process%s (%s)%s.",
                 args.conditioning, n_params / 1e6, len(train_rows), args.max_train_steps,
                 "cached" if args.cache_latents else "encoded each step", accelerator.num_processes,
-                "es" if accelerator.num_processes > 1 else "", accelerator.distributed_type)
-    progress = tqdm(total=args.max_train_steps, initial=global_step, desc=f"train LDM ({args.conditioning})",
-                    disable=not accelerator.is_local_main_process)
-    epoch, done = first_epoch, global_step >= args.max_train_steps
-    window_start, window_images = time.perf_counter(), 0
-    train_start, train_images, losses = time.perf_counter(), 0, []
-    stop = StopRequest()
-    while not done:
-        train_dl.set_epoch(epoch)
-        loader, batches_in_epoch = train_dl, 0
-        if epoch == first_epoch and resume_batches:
-            loader, batches_in_epoch = accelerator.skip_first_batches(train_dl, resume_batches), resume_batches
-        for batch in loader:
-            batches_in_epoch += 1
-            with accelerator.accumulate(denoiser):
-                loss = diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_scheduler, scale,
-                                      null_context, weight_dtype, compute_snr, accelerator)
-                _check_finite(loss.detach(), global_step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(denoiser.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-            batch_images = len(batch["index"]) * accelerator.num_processes
-            window_images += batch_images
-            train_images += batch_images
-            losses.append(accelerator.gather(loss.detach().reshape(1)).mean().item())
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if ema is not None:
-                ema.step(raw.unet.parameters())
-            progress.update(1)
-            step_loss, losses = float(np.mean(losses)), []
-            if global_step % args.logging_steps == 0 or global_step == 1:
-                now = time.perf_counter()
-                scalars = {"loss": step_loss, "lr": lr_sched.get_last_lr()[0],
-                           "images_per_s": window_images / max(now - window_start, 1e-9)}
-                window_start, window_images = now, 0
-                accelerator.log(scalars, step=global_step)
-                if accelerator.is_main_process:
-                    append_log(output_dir, global_step, scalars)
-                progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
-            stopping = stop.should_stop(accelerator)
-            if stopping:
-                logger.warning("Stop signal received: saving a checkpoint at step %d and finishing.", global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps or stopping:
-                save_checkpoint(accelerator, output_dir,
-                                {"global_step": global_step, "epoch": epoch, "batches_in_epoch": batches_in_epoch},
-                                args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0:
-                validate(global_step)
-            if args.evaluation_steps and (global_step % args.evaluation_steps == 0 or global_step >= args.max_train_steps
-                                          or stopping):
-                evaluate(global_step)
-            if global_step >= args.max_train_steps or stopping:
-                done = True
-                break
-        else:
-            epoch += 1
-            if args.validation_epochs and epoch % args.validation_epochs == 0:
-                validate(global_step)
-    progress.close()
-    elapsed = time.perf_counter() - train_start
+                "es" if accelerator.num_processes > 1 else "", accelerator.distributed_type,
+                ", compiled" if args.compile else "")
+
+    # The loop ---------------------------------------------------------------------------------------------
+    throughput, losses = Throughput(), []
+    for batch in loop.batches(on_epoch_end=end_of_epoch):
+        losses.append(optimisation_step(accelerator, args, objective, batch, loop.epoch, denoiser, optimizer,
+                                        lr_sched, loop.global_step))
+        throughput.add(len(batch["index"]) * accelerator.num_processes)
+        if not accelerator.sync_gradients:
+            continue
+        loop.step_done()
+        if ema is not None:
+            ema.step(raw.unet.parameters())
+        step = loop.global_step
+        if step % args.logging_steps == 0 or step == 1:
+            step_loss = accelerator.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+            scalars = {"loss": step_loss, "lr": lr_sched.get_last_lr()[0], **throughput.read()}
+            accelerator.log(scalars, step=step)
+            if accelerator.is_main_process:
+                append_log(output_dir, step, scalars)
+            loop.progress.set_postfix(loss=f"{step_loss:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+        losses = []
+        loop.checkpoint_if_due()
+        if args.validation_steps and step % args.validation_steps == 0:
+            validate(step)
+        if args.evaluation_steps and (step % args.evaluation_steps == 0 or loop.done):
+            evaluate(step)
+    loop.close()
 
     # The whole pipeline, EMA weights in the UNet ----------------------------------------------------
     accelerator.wait_for_everyone()
-    summary = {"steps": global_step, "seconds": elapsed, "images_per_s": train_images / max(elapsed, 1e-9),
-               "cache_latents": args.cache_latents, "conditioning": args.conditioning,
-               "stopped_by_signal": stop.requested}
+    summary = {"steps": loop.global_step, **throughput.summary(), "cache_latents": args.cache_latents,
+               "conditioning": args.conditioning, "compiled": args.compile, "stopped_by_signal": loop.stop.requested}
     if accelerator.is_main_process:
         pipe = build_pipeline(args, raw, vae, ema, final=True)
         save_pipeline(pipe, output_dir)
-        summary["validation_grid"] = str(validation.run(accelerator, pipe, output_dir, global_step))
+        summary["validation_grid"] = str(validation.run(accelerator, pipe, output_dir, loop.global_step))
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.resolve().name
@@ -671,71 +762,28 @@ def train(args: argparse.Namespace) -> dict:
                              datasets=[args.dataset_name] if args.dataset_name and "/" in args.dataset_name else None,
                              base_model=hub_base_model(args.pretrained_model_name_or_path,
                                                        args.pretrained_vae_model_name_or_path))
-    stop.close()  # only now: a late signal must not kill the final save and evaluation
+    loop.stop.close()  # only now: a late signal must not kill the final save and evaluation
     accelerator.end_training()
     return summary
 
 
-def diffusion_loss(args, batch, epoch, denoiser, raw, vae, mode, columns, noise_scheduler, scale, null_context,
-                   weight_dtype, compute_snr, accelerator) -> torch.Tensor:
-    """The LDM objective on one batch (see the module docstring)."""
-    device = accelerator.device
-    gens = example_generators(args.seed, epoch, batch["index"])
-    if "latent_mean" in batch or "latents" in batch:
-        moments = {k: batch[k] for k in ("latent_mean", "latent_std", "latents") if k in batch}
-    else:
-        moments = encode_latent_moments(vae, batch["pixel_values"])
-    base = moments.get("latents", moments.get("latent_mean"))
-    draws = draw_noise(gens, tuple(base.shape[1:]), noise_scheduler.config.num_train_timesteps,
-                       args.conditioning_dropout_prob)
-    draws = {name: value.to(device) for name, value in draws.items()}
-    t, drop = draws["t"], draws["drop"]
-    if "latents" in moments:
-        z0 = at_least_float32(moments["latents"].to(device)) * scale
-    else:  # a sample of the KL posterior, as CompVis' get_first_stage_encoding
-        z0 = (at_least_float32(moments["latent_mean"].to(device))
-              + at_least_float32(moments["latent_std"].to(device)) * draws["posterior"]) * scale
-    noise = draws["noise"] + args.noise_offset * draws["offset"]
-    noisy = noise_scheduler.add_noise(z0, noise + args.input_perturbation * draws["perturbation"], t)
-    target = noise if args.prediction_type == "epsilon" else noise_scheduler.get_velocity(z0, noise, t)
-
-    conditioning, values = None, None
-    if "context" in batch:  # cached frozen text tokens; dropout swaps in the empty prompt's tokens
-        context = batch["context"].to(device, weight_dtype)
-        context = torch.where(drop.view(-1, 1, 1), null_context.expand_as(context), context)
-        conditioning = Conditioning(context=context)
-    elif mode is not None:
-        values = mode.training_inputs(batch, columns, [np_rng for _, np_rng in gens])
-        values = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
-        values = mode.drop(raw.components(), values, drop)
-    with accelerator.autocast():
-        pred = denoiser(noisy, t, values, conditioning)
-    pred, target = at_least_float32(pred), at_least_float32(target)
-    if args.snr_gamma is None:
-        return F.mse_loss(pred, target)
-    snr = compute_snr(noise_scheduler, t)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
-    per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    return (per_example * weights).mean()
-
-
 # -- pipeline, validation, saving -----------------------------------------------------------------
 def build_pipeline(args, raw: Denoiser, vae, ema=None, final: bool = False):
-    """An ``LDMPipeline`` around the trained parts (a copy of the UNet with EMA weights if kept)."""
-    import copy
-
+    """An ``LDMPipeline`` around the trained parts: an eager copy of the UNet (with the EMA weights if kept)
+    when it is compiled or EMA is on, so sampling neither recompiles the training graph nor disturbs it."""
     from ..pipelines import LDMPipeline
     from ..schedulers import ldm_scheduler
 
     unet = raw.unet
-    if ema is not None:
-        unet = copy.deepcopy(unet)
-        ema.copy_to(unet.parameters())
+    if ema is not None or getattr(unet, "_compiled_call_impl", None) is not None:
+        unet = type(unet).from_config(unet.config).to(unet.device, unet.dtype)
+        unet.load_state_dict(raw.unet.state_dict())
+        if ema is not None:
+            ema.copy_to(unet.parameters())
     parts = raw.components()
-    text_encoder = parts.text_encoder
     return LDMPipeline(
         vae=vae, unet=unet, scheduler=ldm_scheduler("ddim", args.noise_schedule, args.prediction_type, args.num_train_timesteps),
-        text_encoder=text_encoder, tokenizer=parts.tokenizer, class_embedder=parts.class_embedder,
+        text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, class_embedder=parts.class_embedder,
         layout_encoder=parts.layout_encoder,
     )
 
