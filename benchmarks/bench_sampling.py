@@ -7,6 +7,11 @@ median seconds per image over ``--repeats`` calls and the ratio ours/stock.
 
     python benchmarks/bench_sampling.py                          # CPU defaults: 64x64, 20 steps, CFG 3
     python benchmarks/bench_sampling.py --resolution 256 --base_channels 192 --dtype fp16 --batch 8
+    python benchmarks/bench_sampling.py --model builtin --steps 50 --fast --backend openvino   # the built-in model
+
+``--model builtin`` runs both pipelines on the built-in emoji model's own components (KL-f4 autoencoder, BERT text
+transformer, 6.9M UNet; 64x64 images, 16x16 latents; the stock pipeline is told 128x128, because it hard-codes
+latents of height // 8, and gets the same 16x16 latents).
 """
 
 from __future__ import annotations
@@ -26,7 +31,42 @@ from ldm_diffusers import LDMPipeline
 from ldm_diffusers.conditioning import bert_tokenizer
 
 
+class FirstTokens(torch.nn.Module):
+    """The stock pipeline pads prompts to 77 tokens (hard-coded); the built-in text encoder reads its first n."""
+
+    def __init__(self, encoder, n: int):
+        super().__init__()
+        self.encoder, self.n = encoder, n
+
+    @property
+    def device(self):
+        return self.encoder.device
+
+    @property
+    def dtype(self):
+        return self.encoder.dtype
+
+    def forward(self, input_ids):
+        return self.encoder(input_ids[:, : self.n])
+
+
+def build_builtin(args, device, dtype):
+    pipe = LDMPipeline.from_pretrained("builtin:emoji-text-to-image").to(device, dtype)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if args.scheduler == "dpm++":
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    stock = LDMTextToImagePipeline(vqvae=pipe.vae, bert=FirstTokens(pipe.text_encoder, pipe.tokenizer.model_max_length),
+                                   tokenizer=pipe.tokenizer, unet=pipe.unet, scheduler=scheduler)
+    ours = LDMPipeline(vae=pipe.vae, unet=pipe.unet, scheduler=scheduler, text_encoder=pipe.text_encoder,
+                       tokenizer=pipe.tokenizer)
+    for p in (stock, ours):
+        p.set_progress_bar_config(disable=True)
+    return stock, ours, sum(q.numel() for q in pipe.unet.parameters())
+
+
 def build(args, device, dtype):
+    if args.model == "builtin":
+        return build_builtin(args, device, dtype)
     torch.manual_seed(0)
     # f = 8: diffusers' LDMTextToImagePipeline hard-codes latents of height // 8
     vqvae = VQModel(block_out_channels=(64, 128, 128, 128), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -59,6 +99,8 @@ def build(args, device, dtype):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=["random", "builtin"], default="random",
+                   help="'random': the shapes below with random weights; 'builtin': the built-in emoji model")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--base_channels", type=int, default=64)
@@ -73,6 +115,8 @@ def main():
     p.add_argument("--fast", action="store_true",
                    help="also time LDMPipeline.enable_fast_sampling() and the stock pipeline with the user's own "
                         "torch.compile(unet) (default inductor settings); compile times are reported apart")
+    p.add_argument("--backend", choices=["inductor", "openvino"], default="inductor",
+                   help="enable_fast_sampling's backend for the ours_fast variant")
     p.add_argument("--cpu_timesteps_variant", action="store_true",
                    help="also time LDMPipeline with the scheduler's timesteps kept on the CPU")
     a = p.parse_args()
@@ -80,12 +124,16 @@ def main():
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     stock, ours, unet_params = build(a, device, dtype)
     prompts = ["an emoji of a red apple"] * a.batch
-    latents = torch.randn(a.batch, 3, a.resolution // 8, a.resolution // 8, device=device, dtype=dtype)
+    side = ours.unet.config.sample_size if a.model == "builtin" else a.resolution // 8
+    latents = torch.randn(a.batch, ours.unet.config.in_channels, side, side, device=device, dtype=dtype)
+    size = {"height": side * 8, "width": side * 8}  # the stock pipeline derives its latent size as height // 8
 
     def call(pipe):
+        extra = size if isinstance(pipe, LDMTextToImagePipeline) else {}
+
         def run():
             pipe(prompt=prompts, latents=latents, num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                 output_type="np")
+                 output_type="np", **extra)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return run
@@ -107,11 +155,9 @@ def main():
     variants = {"stock": call(stock), "ours": call(ours)}
     compile_seconds = {}
     if a.fast:
-        from diffusers import LDMTextToImagePipeline
-
         fast = type(ours)(**ours.components)
         fast.set_progress_bar_config(disable=True)
-        fast.enable_fast_sampling()
+        fast.enable_fast_sampling(backend=a.backend)
         compiled = LDMTextToImagePipeline(**{**stock.components, "unet": torch.compile(stock.unet)})
         compiled.set_progress_bar_config(disable=True)
         for name, pipe in (("ours_fast", fast), ("stock_compiled", compiled)):
@@ -139,6 +185,7 @@ def main():
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "torch": torch.__version__, "dtype": a.dtype, "resolution": a.resolution, "steps": a.steps,
         "guidance_scale": a.guidance_scale, "batch": a.batch, "unet_params_M": round(unet_params / 1e6, 2),
+        "model": a.model, "backend": a.backend if a.fast else None,
         "scheduler": a.scheduler, "seconds_per_image": med, "ratio_ours_over_stock": med["ours"] / med["stock"],
         "repeats": a.repeats,
     }

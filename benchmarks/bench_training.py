@@ -9,10 +9,13 @@ MiniLM), AdamW, fp32 or the chosen autocast dtype:
 * stock: pixels -> ``vae.encode(x).latent_dist.sample() * scale``, ``text_encoder(ids)[0]``, one
   ``torch.randn`` / ``torch.randint`` for the batch, ``add_noise``, UNet, MSE, backward, step
   (the body of diffusers' script, without its DataLoader);
-* ours, pixels: ``ldm_diffusers.training.latent_diffusion.diffusion_loss`` (per-example seeded draws,
-  condition dropout, the conditioning switch) + backward + step;
+* ours, pixels: ``ldm_diffusers.training.latent_diffusion.optimisation_step`` with its
+  ``DiffusionObjective`` (per-example seeded draws, condition dropout, the conditioning switch);
 * ours, cached: the same from a latent cache (posterior moments and text tokens), so neither the
-  stage-1 encoder nor the text encoder runs.
+  stage-1 encoder nor the text encoder runs;
+* ours_fast (pixels / cached): the same with the training script's speed switches as they are set by
+  ``--compile --channels_last --adam_implementation fused`` (a second copy of the UNet; compile time
+  printed apart). ``--fast_flags`` picks a subset, to measure each switch.
 
 Prints median images/s over ``--repeats`` timed blocks of ``--steps`` steps (interleaved) and the
 ratios against stock.
@@ -88,15 +91,19 @@ def main():
     p.add_argument("--max_prompt_length", type=int, default=24)
     p.add_argument("--steps", type=int, default=5, help="Steps per timed block.")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--fast_flags", nargs="*", default=["compile", "channels_last", "fused"],
+                   choices=["compile", "channels_last", "fused"], help="The switches of the ours_fast variants.")
     p.add_argument("--out", default=None, help="Write the numbers as JSON here.")
     a = p.parse_args()
 
+    import copy
+
     from accelerate import Accelerator
-    from diffusers.training_utils import compute_snr
 
     from ldm_diffusers.conditioning import TextMode, TrainingColumns, encode_prompts
     from ldm_diffusers.training.latent_cache import encode_latent_moments
-    from ldm_diffusers.training.latent_diffusion import Denoiser, diffusion_loss
+    from ldm_diffusers.training.latent_diffusion import Denoiser, DiffusionObjective, optimisation_step
+    from ldm_diffusers.training.loop import adam_kwargs, compile_module, to_channels_last
 
     device = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
@@ -113,24 +120,47 @@ def main():
         null_context = encode_prompts(tokenizer, text_encoder, [""]).to(dtype if dtype != torch.float32 else torch.float32)
 
     mode = TextMode()
-    denoiser = Denoiser(unet, mode, {}, {"text_encoder": text_encoder, "tokenizer": tokenizer})
-    args = SimpleNamespace(seed=0, conditioning_dropout_prob=0.1, noise_offset=0.0, input_perturbation=0.0,
-                           prediction_type="epsilon", snr_gamma=None)
     columns = TrainingColumns(downsampling_factor=4)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     weight_dtype = torch.float32 if a.dtype == "fp32" else dtype
+    stock_optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)  # as diffusers' script: torch's default kernel
 
-    def ours_step(batch):
-        loss = diffusion_loss(args, batch, 0, denoiser, denoiser, vae, mode, columns, scheduler, vae.config.scaling_factor,
-                              null_context, weight_dtype, compute_snr, accelerator)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def ours(fast: bool):
+        """(step function, compile seconds) of our loop, eager or with the speed switches."""
+        flags = set(a.fast_flags) if fast else set()
+        args = SimpleNamespace(seed=0, conditioning_dropout_prob=0.1, noise_offset=0.0, input_perturbation=0.0,
+                               prediction_type="epsilon", snr_gamma=None, max_grad_norm=None,
+                               channels_last="channels_last" in flags)
+        model, enc_vae, encoder = unet, vae, text_encoder
+        if fast:  # own copies: compiling and channels-last change the modules in place
+            model, enc_vae, encoder = copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(text_encoder)
+            if args.channels_last:
+                to_channels_last(model, enc_vae)
+            if "compile" in flags:
+                compile_module(model)
+                compile_module(enc_vae.encoder, frozen=True)
+                compile_module(encoder, frozen=True, fullgraph=False)
+        params = list(model.parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **adam_kwargs("fused" if "fused" in flags else "foreach", params))
+        denoiser = Denoiser(model, mode, {}, {"text_encoder": encoder, "tokenizer": tokenizer})
+        objective = DiffusionObjective(args, mode, columns, enc_vae, scheduler, weight_dtype, device, null_context)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
+        def step(batch):
+            optimisation_step(accelerator, args, objective, batch, 0, denoiser, optimizer, sched, 0)
+
+        start = time.perf_counter()
+        step(data[0])
+        step(cached[0])
+        return step, time.perf_counter() - start
+
+    ours_eager, _ = ours(fast=False)
+    ours_fast, compile_seconds = ours(fast=True)
     variants = {
-        "stock": lambda b, i: stock_step(parts, b, optimizer, device, dtype),
-        "ours_pixels": lambda b, i: ours_step(b),
-        "ours_cached": lambda b, i: ours_step(cached[i]),
+        "stock": lambda b, i: stock_step(parts, b, stock_optimizer, device, dtype),
+        "ours_pixels": lambda b, i: ours_eager(b),
+        "ours_cached": lambda b, i: ours_eager(cached[i]),
+        "ours_fast_pixels": lambda b, i: ours_fast(b),
+        "ours_fast_cached": lambda b, i: ours_fast(cached[i]),
     }
     for name, fn in variants.items():  # warm-up
         fn(data[0], 0)
@@ -150,6 +180,7 @@ def main():
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": a.dtype, "resolution": a.resolution, "batch": a.batch,
         "unet_params_m": round(sum(q.numel() for q in unet.parameters()) / 1e6, 2),
+        "fast_flags": a.fast_flags, "compile_and_first_steps_seconds": round(compile_seconds, 1),
         "images_per_s": {k: round(v, 2) for k, v in result.items()},
         "ratio_vs_stock": {k: round(v / result["stock"], 3) for k, v in result.items() if k != "stock"},
     }

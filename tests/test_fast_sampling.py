@@ -40,3 +40,19 @@ def test_a_new_shape_compiles_once_and_disable_goes_back_to_eager(compiled):
     assert pipe.fast_sampling is None
     assert torch.equal(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, eager)
     pipe.enable_fast_sampling()
+
+
+def test_openvino_backend_gives_the_eager_images_and_caches_its_graphs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_DIFFUSERS_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
+    pipe = make_pipe("class", "kl")
+    kwargs = dict(class_labels=[1, 3], num_inference_steps=3, guidance_scale=2.0, output_type="pt")
+    eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe.enable_fast_sampling(backend="openvino")
+    fast = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert (fast - eager).abs().max().item() <= 1e-4  # float32 inference precision, not the CPU's bf16 default
+    assert set(pipe.fast_sampling.compile_seconds) == {"unet (4, 3, 8, 8)", "decode (2, 3, 8, 8)"}
+    pipe(**dict(kwargs, num_inference_steps=5), generator=torch.Generator().manual_seed(1))
+    assert len(pipe.fast_sampling.unet._compiled) == 1  # every step and call of one shape: one converted graph
+    assert any((tmp_path / "ov-cache").iterdir())  # compiled blobs on disk, for later processes
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pipe.enable_fast_sampling(backend="tensorrt")
