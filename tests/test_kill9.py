@@ -105,7 +105,7 @@ def test_a_damaged_latent_cache_is_rebuilt_not_trained_on(tmp_path, caplog):
     (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert cache_problem(folder) is None
     expected = first[:]["latent_mean"].clone()
-    arrow = max(folder.rglob("*.arrow"), key=lambda p: p.stat().st_size)
+    arrow = max(folder.rglob("*.npy"), key=lambda p: p.stat().st_size)
     whole = arrow.read_bytes()
     arrow.write_bytes(whole[: len(whole) // 2])
     assert "bytes" in cache_problem(folder)

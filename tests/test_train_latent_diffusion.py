@@ -157,9 +157,9 @@ def test_latent_cache_trains_exactly_like_pixels(stage1, emoji16, tmp_path, text
     main(tiny_args(stage1, emoji16, tmp_path / "cached", "--cache_latents", *extra))
     caches = list((tmp_path / "cached" / "latent_cache").iterdir())
     assert len(caches) == 1
-    from datasets import load_from_disk
+    from ldm_diffusers.training.latent_cache import load_latent_cache
 
-    cache = load_from_disk(str(caches[0]))
+    cache = load_latent_cache(caches[0])
     assert {"latent_mean", "latent_std", "index"} <= set(cache.column_names)
     assert ("context" in cache.column_names) == (text_encoder == "frozen")
     pixels, cached = read_log(tmp_path / "pixels"), read_log(tmp_path / "cached")
@@ -258,9 +258,9 @@ def test_vq_stage1_latents_train_from_pixels_and_cache(emoji16, tmp_path):
     extra = ["--max_train_steps", "3", "--max_train_samples", "8", "--conditioning", "class", "--class_column", "group_id"]
     main(tiny_args(tmp_path / "vq", emoji16, tmp_path / "pixels", *extra))
     main(tiny_args(tmp_path / "vq", emoji16, tmp_path / "cached", "--cache_latents", *extra))
-    from datasets import load_from_disk
+    from ldm_diffusers.training.latent_cache import load_latent_cache
 
-    cache = load_from_disk(str(next((tmp_path / "cached" / "latent_cache").iterdir())))
+    cache = load_latent_cache(next((tmp_path / "cached" / "latent_cache").iterdir()))
     assert "latents" in cache.column_names and "latent_mean" not in cache.column_names
     np.testing.assert_allclose([r["loss"] for r in read_log(tmp_path / "pixels")],
                                [r["loss"] for r in read_log(tmp_path / "cached")], rtol=1e-4)
@@ -307,3 +307,43 @@ def test_stop_signal_saves_a_checkpoint_and_the_pipeline(stage1, emoji16, tmp_pa
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is handed back
     resumed = main(tiny_args(stage1, emoji16, out, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
     assert resumed["steps"] == 3 and not resumed["stopped_by_signal"]
+
+
+@pytest.fixture(scope="module")
+def emoji_shards(emoji16, tmp_path_factory):
+    """The first 32 training rows of ``emoji16`` as 4 parquet shards, and 8 validation rows as their own split."""
+    from ldm_diffusers.data import load_image_splits
+
+    train, val = load_image_splits(train_data_dir=str(emoji16), resolution=16)
+    folder = tmp_path_factory.mktemp("shards")
+    for s in range(4):
+        train.select(range(s * 8, s * 8 + 8)).to_parquet(folder / f"train-{s:05d}.parquet")
+    val.select(range(8)).to_parquet(folder / "validation-00000.parquet")
+    return folder
+
+
+def test_streaming_trains_and_resumes_exactly(stage1, emoji_shards, tmp_path):
+    def run(out, steps, *extra):
+        return main(tiny_args(stage1, emoji_shards, out, "--streaming", "--streaming_shuffle_buffer", "6",
+                              "--max_train_samples", "32", "--max_train_steps", str(steps), "--checkpointing_steps", "5",
+                              "--dataloader_num_workers", "2", *extra))
+
+    run(tmp_path / "whole", 12)
+    run(tmp_path / "cut", 5)  # stops after the step-5 checkpoint, mid-epoch (8 batches of 4 per epoch)
+    run(tmp_path / "cut", 12, "--resume_from_checkpoint", "latest")
+    whole, cut = read_log(tmp_path / "whole"), read_log(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 13))
+    np.testing.assert_array_equal([r["loss"] for r in cut], [r["loss"] for r in whole])
+    a = load_file(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streaming_refuses_what_a_stream_cannot_do(stage1, emoji_shards, tmp_path, capsys):
+    for extra, message in ((["--cache_latents"], "--cache_latents"), (["--num_train_epochs", "2"], "--num_train_epochs")):
+        with pytest.raises(SystemExit):
+            parse_args(tiny_args(stage1, emoji_shards, tmp_path, "--streaming", *extra))
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_vae_model_name_or_path", str(stage1), "--streaming"])
+    assert "built-in datasets" in capsys.readouterr().err

@@ -13,14 +13,15 @@ import torch
 from PIL import Image
 
 
-def _crop_geometry(size: tuple[int, int], resolution: int, center_crop: bool):
-    """(resized width, resized height, left, top) for "resize the shorter side, then crop"."""
+def _crop_geometry(size: tuple[int, int], resolution: int, center_crop: bool, rng=random):
+    """(resized width, resized height, left, top) for "resize the shorter side, then crop"; a random crop draws
+    from ``rng`` (Python's ``random`` module unless given a ``random.Random``)."""
     w, h = size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     if center_crop:
         return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
-    return new_w, new_h, random.randint(0, new_w - resolution), random.randint(0, new_h - resolution)
+    return new_w, new_h, rng.randint(0, new_w - resolution), rng.randint(0, new_h - resolution)
 
 
 def _resize_crop(image: Image.Image, resolution: int, geometry, flip: bool, resample) -> Image.Image:
@@ -156,14 +157,17 @@ def example_transform(
 ):
     """A ``Dataset.set_transform`` function for diffusion training: ``pixel_values`` [3, R, R] in [-1, 1]
     plus each dataset column renamed to the conditioning input it feeds (``columns``: {column: input}).
-    Segmentation maps and layouts get the image's own crop and flip."""
+    Segmentation maps and layouts get the image's own crop and flip. Random crops and flips draw from Python's
+    ``random``, or from ``rngs[i]`` (a ``random.Random`` per row) when the caller passes them (the streaming
+    loader does, seeded per example)."""
     columns = columns or {}
 
-    def transform(batch):
+    def transform(batch, rngs=None):
         out = {"pixel_values": [], **{name: [] for name in columns.values()}}
         for i, image in enumerate(batch[image_column]):
-            geometry = _crop_geometry(image.size, resolution, center_crop)
-            flip = random_flip and random.random() < 0.5
+            rng = random if rngs is None else rngs[i]
+            geometry = _crop_geometry(image.size, resolution, center_crop, rng)
+            flip = random_flip and rng.random() < 0.5
             out["pixel_values"].append(pil_to_tensor(image, resolution, geometry=geometry, flip=flip))
             for column, name in columns.items():
                 value = batch[column][i]

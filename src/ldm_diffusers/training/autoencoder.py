@@ -344,6 +344,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.channels_last:
         to_channels_last(model, loss_fn)
     if args.compile:
+        # The adaptive weight differentiates the generator loss twice (torch.autograd.grad with retain_graph=True,
+        # then backward): compiled backwards must not donate (free) their saved buffers after the first.
+        torch._functorch.config.donated_buffer = False
         compile_module(model)
         compile_module(loss_fn.discriminator)
     opt_ae, opt_disc, lr_sched = make_optimisers(args, accelerator, model, loss_fn, len(train_dl))

@@ -123,6 +123,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="Encode the dataset once with the frozen stage-1 encoder (and frozen text encoder).")
     g.add_argument("--latent_cache_dir", default=None, help="Default: <output_dir>/latent_cache.")
     g.add_argument("--cache_dir", default=None, help="datasets/Hub cache folder.")
+    g.add_argument("--streaming", action="store_true",
+                   help="Stream --dataset_name (a Hub id) or --train_data_dir (a folder of .parquet / webdataset .tar "
+                        "shards) shard by shard, never downloading it whole; shards are split across processes and "
+                        "a checkpoint holds the exact stream position. Ends at --max_train_steps.")
+    g.add_argument("--streaming_shuffle_buffer", type=positive_int, default=1000,
+                   help="With --streaming: rows read and shuffled together (a block shuffle that resumes exactly).")
 
     g = p.add_argument_group("diffusion")
     g.add_argument("--noise_schedule", choices=["text", "class", "unconditional"], default=None,
@@ -206,6 +212,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         parser.error("--conditioning_dropout_prob must lie in [0, 1].")
     if args.conditioning_dropout_prob > 0 and not has_null:
         parser.error(f"--conditioning {args.conditioning} has no null input to drop to; leave --conditioning_dropout_prob at 0.")
+    if args.streaming:
+        check_streaming_args(parser, args)
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = "emoji-scenes" if args.conditioning in ("layout", "segmentation") else "emoji"
     if args.noise_schedule is None:
@@ -215,6 +223,20 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                      "fresh stage-1 encoding every step.")
     check_train_args(parser, args)
     return args
+
+
+def check_streaming_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What ``--streaming`` cannot combine with: a stream has no length and is read once per step."""
+    if not (args.dataset_name or args.train_data_dir) or (args.dataset_name or "").startswith(("emoji", "builtin:")):
+        parser.error("--streaming reads --dataset_name (a Hub id) or --train_data_dir (a folder of .parquet or .tar "
+                     "shards); the built-in datasets are small: drop --streaming for them.")
+    for flag, value in (("--num_train_epochs", args.num_train_epochs), ("--cache_latents", args.cache_latents),
+                        ("--validation_epochs", args.validation_epochs)):
+        if value:
+            parser.error(f"--streaming cannot combine with {flag}: a stream has no length (training ends at "
+                         "--max_train_steps) and is not cached.")
+    if args.evaluation_steps and not args.evaluation_num_images:
+        parser.error("--streaming with --evaluation_steps needs --evaluation_num_images (the rows held out for it).")
 
 
 def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -439,6 +461,31 @@ def load_splits(args, accelerator):
     return train_ds, val_ds
 
 
+def load_stream(args):
+    """``--streaming``: (the training shards, validation rows as a ``datasets.Dataset``, the indices held out of
+    training). Validation rows are the source's validation split if it has one, else its first training rows."""
+    from ..data.streaming import resolve_stream, take_rows
+
+    source = args.train_data_dir or args.dataset_name
+    shards = resolve_stream(source, "train", args.dataset_config_name, cache_dir=args.cache_dir)
+    n = max(args.num_validation_images, args.evaluation_num_images or 0)
+    try:
+        validation = resolve_stream(source, "validation", args.dataset_config_name, cache_dir=args.cache_dir)
+    except (FileNotFoundError, ValueError):
+        val_ds, held_out = take_rows(shards, n)
+    else:
+        val_ds, held_out = take_rows(validation, n)[0], ()
+    if args.class_column is None:
+        args.class_column = "label" if "label" in shards.column_names or "group_id" not in shards.column_names else "group_id"
+    if args.conditioning == "class" and not args.num_classes:
+        from datasets import ClassLabel
+
+        if not isinstance(shards.features.get(args.class_column), ClassLabel):
+            raise SystemExit(f"--streaming: the class column '{args.class_column}' is not a ClassLabel, so the class "
+                             "count is unknown before the stream is read: pass --num_classes.")
+    return shards, val_ds, held_out
+
+
 def set_up_columns(args, mode, train_ds, val_ds, vae) -> tuple[TrainingColumns, dict]:
     """Check that the datasets have the mode's columns and set their per-example transforms; returns
     (columns, the columns the mode reads)."""
@@ -472,13 +519,14 @@ def training_rows(args, accelerator, train_ds, vae, mode, columns, needed, froze
         "mode": args.conditioning, "text": weights_digest(frozen["text_encoder"]) if text_frozen else None,
         "max_prompt_length": args.max_prompt_length, "f": vae.downsampling_factor,
     }
-    cache_dir = Path(args.latent_cache_dir or output_dir / "latent_cache")
-    with accelerator.main_process_first():
-        return build_latent_cache(
-            rows, vae, mode, columns, cache_dir, settings,
-            (frozen["tokenizer"], frozen["text_encoder"]) if text_frozen else None,
-            batch_size=args.train_batch_size, show_progress=accelerator.is_local_main_process,
-        )
+    cache_dir = Path(args.latent_cache_dir or output_dir / "latent_cache")  # seen by every process
+    return build_latent_cache(  # every process encodes its shards of the set, in parallel
+        rows, vae, mode, columns, cache_dir, settings,
+        (frozen["tokenizer"], frozen["text_encoder"]) if text_frozen else None,
+        batch_size=args.train_batch_size, show_progress=accelerator.is_local_main_process,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
+        num_workers=args.dataloader_num_workers,
+    )
 
 
 def _text_frozen(args, frozen: dict) -> bool:
@@ -652,20 +700,41 @@ def train(args: argparse.Namespace) -> dict:
     mode = CONDITIONINGS[args.conditioning]
 
     # Build: data splits, models (frozen parts in the mixed-precision dtype) ----------------------------
-    train_ds, val_ds = load_splits(args, accelerator)
+    if args.streaming:
+        shards, val_ds, held_out = load_stream(args)
+        train_ds = val_ds  # what build_models and the column checks read: the features and validation rows
+    else:
+        train_ds, val_ds = load_splits(args, accelerator)
     vae, unet, trainable, frozen = build_models(args, train_ds)
     columns, needed = set_up_columns(args, mode, train_ds, val_ds, vae)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     freeze([vae] + [m for m in frozen.values() if isinstance(m, nn.Module)], accelerator.device, weight_dtype)
 
-    # Data: the dataset's rows or their latent cache ------------------------------------------------------
-    train_rows = training_rows(args, accelerator, train_ds, vae, mode, columns, needed, frozen, output_dir)
-    train_dl = data_loader(train_rows, args, collate_examples, accelerator.device)
+    # Data: the dataset's rows or their latent cache, or the stream --------------------------------------
+    if args.streaming:
+        from ..data.streaming import StreamCheckpoint, streaming_loader
+
+        train_dl = streaming_loader(
+            shards, resolution=args.resolution, batch_size=args.train_batch_size, image_column=args.image_column,
+            columns=needed, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            shuffle_buffer=args.streaming_shuffle_buffer, num_workers=args.dataloader_num_workers,
+            prefetch_batches=args.dataloader_prefetch_factor or 2, pin_memory=accelerator.device.type == "cuda",
+            max_samples=args.max_train_samples, exclude=held_out,
+        )
+        train_size = shards.num_rows or "streamed"
+    else:
+        train_rows = training_rows(args, accelerator, train_ds, vae, mode, columns, needed, frozen, output_dir)
+        train_dl = data_loader(train_rows, args, collate_examples, accelerator.device)
+        train_size = len(train_rows)
 
     # The trained module, optimiser, schedules, EMA ---------------------------------------------------
     denoiser = make_denoiser(args, accelerator, unet, mode, trainable, frozen, vae)
-    optimizer, lr_sched = make_optimiser(args, accelerator, denoiser, len(train_dl))
-    denoiser, optimizer, train_dl, lr_sched = accelerator.prepare(denoiser, optimizer, train_dl, lr_sched)
+    optimizer, lr_sched = make_optimiser(args, accelerator, denoiser, 1 if args.streaming else len(train_dl))
+    if args.streaming:  # already split across processes, and positioned by its own checkpointed state
+        denoiser, optimizer, lr_sched = accelerator.prepare(denoiser, optimizer, lr_sched)
+    else:
+        denoiser, optimizer, train_dl, lr_sched = accelerator.prepare(denoiser, optimizer, train_dl, lr_sched)
     raw = accelerator.unwrap_model(denoiser)
     ema = None
     if args.use_ema:
@@ -682,10 +751,14 @@ def train(args: argparse.Namespace) -> dict:
         args, mode, columns, vae, ldm_scheduler("ddpm", args.noise_schedule, args.prediction_type, args.num_train_timesteps),
         weight_dtype, accelerator.device, null_context,
     )
+    if args.streaming:  # registered before TrainingLoop's resume loads the checkpoint
+        accelerator.register_for_checkpointing(
+            StreamCheckpoint(train_dl, accelerator.process_index, accelerator.num_processes))
     init_trackers(accelerator, args, output_dir, args.tracker_project_name)
 
     # Resume, validation, evaluation --------------------------------------------------------------------
-    loop = TrainingLoop(accelerator, args, output_dir, train_dl, f"train LDM ({args.conditioning})")
+    loop = TrainingLoop(accelerator, args, output_dir, train_dl, f"train LDM ({args.conditioning})",
+                        streaming=args.streaming)
     validation = ValidationSet(args, mode, columns, val_ds)
 
     def validate(step: int):
@@ -712,8 +785,9 @@ def train(args: argparse.Namespace) -> dict:
 
     n_params = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     logger.info("Training %s LDM: %.2fM trainable parameters, %d images, %d steps, latents %s, %d process%s (%s)%s.",
-                args.conditioning, n_params / 1e6, len(train_rows), args.max_train_steps,
-                "cached" if args.cache_latents else "encoded each step", accelerator.num_processes,
+                args.conditioning, n_params / 1e6, train_size, args.max_train_steps,
+                "cached" if args.cache_latents else "encoded each step" + (", streamed" if args.streaming else ""),
+                accelerator.num_processes,
                 "es" if accelerator.num_processes > 1 else "", accelerator.distributed_type,
                 ", compiled" if args.compile else "")
 

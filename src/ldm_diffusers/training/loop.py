@@ -119,10 +119,14 @@ class TrainingLoop:
 
     Resumes at the checkpoint's (step, epoch, batch in epoch), so a resumed run sees exactly the batches the
     uninterrupted one would have; shows a progress bar; saves a checkpoint every ``args.checkpointing_steps``,
-    at the last step and when a stop signal arrives (:class:`StopRequest`), then ends."""
+    at the last step and when a stop signal arrives (:class:`StopRequest`), then ends.
 
-    def __init__(self, accelerator, args, output_dir: Path, train_dl, desc: str):
+    ``streaming``: ``train_dl`` is an endless ``data.streaming.StreamingLoader`` whose position is checkpointed with
+    the accelerate state: it is neither re-epoched nor skipped here, and each batch carries its own epoch."""
+
+    def __init__(self, accelerator, args, output_dir: Path, train_dl, desc: str, streaming: bool = False):
         self.accelerator, self.args, self.output_dir, self.train_dl = accelerator, args, output_dir, train_dl
+        self.streaming = streaming
         self.global_step, self.epoch, self._resume_batches = resume(accelerator, output_dir, args.resume_from_checkpoint)
         self.batches_in_epoch = 0
         self.stop = StopRequest()
@@ -135,7 +139,14 @@ class TrainingLoop:
         return self.global_step >= self.args.max_train_steps or self.stopping
 
     def batches(self, on_epoch_end=None):
-        """Training batches until done; ``on_epoch_end(epoch)`` after each completed epoch."""
+        """Training batches until done; ``on_epoch_end(epoch)`` after each completed epoch (not when streaming)."""
+        if self.streaming:
+            for batch in self.train_dl:
+                self.epoch, self.batches_in_epoch = self.train_dl.epoch, self.train_dl.batches_taken
+                yield batch
+                if self.done:
+                    return
+            return
         first_epoch = self.epoch
         while not self.done:
             self.train_dl.set_epoch(self.epoch)
