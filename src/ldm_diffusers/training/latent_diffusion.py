@@ -689,9 +689,8 @@ def optimisation_step(accelerator, args, objective, batch, epoch: int, denoiser,
 # -- the run ----------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict:
     """Train, save the ``LDMPipeline`` to ``args.output_dir`` and return a summary."""
-    from diffusers.training_utils import EMAModel
-
     from ..schedulers import ldm_scheduler
+    from .distributed import ShardedTraining
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir, args.logging_dir)
@@ -730,17 +729,16 @@ def train(args: argparse.Namespace) -> dict:
 
     # The trained module, optimiser, schedules, EMA ---------------------------------------------------
     denoiser = make_denoiser(args, accelerator, unet, mode, trainable, frozen, vae)
+    sharding = ShardedTraining(accelerator, denoiser, share=(denoiser._frozen, denoiser.mode))  # FSDP: see distributed.py
     optimizer, lr_sched = make_optimiser(args, accelerator, denoiser, 1 if args.streaming else len(train_dl))
     if args.streaming:  # already split across processes, and positioned by its own checkpointed state
         denoiser, optimizer, lr_sched = accelerator.prepare(denoiser, optimizer, lr_sched)
     else:
         denoiser, optimizer, train_dl, lr_sched = accelerator.prepare(denoiser, optimizer, train_dl, lr_sched)
     raw = accelerator.unwrap_model(denoiser)
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(raw.unet.parameters(), decay=args.ema_decay, model_cls=type(raw.unet), model_config=raw.unet.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    sharding.after_prepare(optimizer)
+    # the UNet's EMA (first of the checkpointed objects): diffusers' EMAModel, or its per-shard twin under FSDP
+    ema = sharding.make_ema(denoiser, "unet", decay=args.ema_decay) if args.use_ema else None
     null_context = None
     if _text_frozen(args, frozen) and args.cache_latents:
         from ..conditioning.text import encode_prompts
@@ -762,8 +760,9 @@ def train(args: argparse.Namespace) -> dict:
     validation = ValidationSet(args, mode, columns, val_ds)
 
     def validate(step: int):
+        model, model_ema = sharding.export(denoiser, ema)  # on every process (a gather under FSDP)
         if accelerator.is_main_process:
-            validation.run(accelerator, build_pipeline(args, raw, vae, ema), output_dir, step)
+            validation.run(accelerator, build_pipeline(args, model, vae, model_ema), output_dir, step)
 
     evaluation = None
     if args.evaluation_steps and accelerator.is_main_process:
@@ -772,8 +771,9 @@ def train(args: argparse.Namespace) -> dict:
         evaluation = SampleEvaluation(args, mode, columns, val_ds)
 
     def evaluate(step: int):
+        model, model_ema = sharding.export(denoiser, ema)  # on every process (a gather under FSDP)
         if evaluation is not None:
-            scores = evaluation.run(accelerator, build_pipeline(args, raw, vae, ema), output_dir, step)
+            scores = evaluation.run(accelerator, build_pipeline(args, model, vae, model_ema), output_dir, step)
             if scores:
                 accelerator.log(scores, step=step)
                 append_log(output_dir, step, scores)
@@ -822,8 +822,9 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     summary = {"steps": loop.global_step, **throughput.summary(), "cache_latents": args.cache_latents,
                "conditioning": args.conditioning, "compiled": args.compile, "stopped_by_signal": loop.stop.requested}
+    model, model_ema = sharding.export(denoiser, ema)  # on every process (a gather under FSDP)
     if accelerator.is_main_process:
-        pipe = build_pipeline(args, raw, vae, ema, final=True)
+        pipe = build_pipeline(args, model, vae, model_ema, final=True)
         save_pipeline(pipe, output_dir)
         summary["validation_grid"] = str(validation.run(accelerator, pipe, output_dir, loop.global_step))
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
