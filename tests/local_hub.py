@@ -83,8 +83,9 @@ class LocalHub:
                 self.process.kill()
         self.process = None
 
-    def repo_path(self, repo_id: str) -> Path:
-        return self.mirrors / "models" / repo_id
+    def repo_path(self, repo_id: str, kind: str = "models") -> Path:
+        """The git repository of ``repo_id``; ``kind``: "models" or "spaces" (olah's mirror folders)."""
+        return self.mirrors / kind / repo_id
 
     def publish(self, folder: Path, repo_id: str, tag: str | None = None, message: str = "upload") -> str:
         """Replace the repository's tree on ``main`` with ``folder``'s files, commit (and tag); returns the sha."""

@@ -7,6 +7,7 @@
     ldm-diffusers generate "an emoji of red apple" --model outputs/ldm --out apple.png
     ldm-diffusers train --pretrained_vae_model_name_or_path outputs/kl-f4 --conditioning text --output_dir outputs/ldm
     ldm-diffusers export outputs/ldm --output model.ckpt --config model.yaml   # back to a CompVis checkpoint
+    ldm-diffusers demo --model outputs/ldm --port 7860                        # a web demo in the browser
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="Compile the UNet and decoder first (pipe.enable_fast_sampling(): the same images, faster "
                         "steps; compiling takes about a minute on a CPU, less when inductor's cache has it).")
+    p.add_argument("--fast_backend", choices=["inductor", "openvino"], default="inductor",
+                   help="With --fast: torch.compile (inductor), or OpenVINO on a CPU (compiles in seconds; "
+                        "`pip install ldm-diffusers[openvino]`).")
     return p
 
 
@@ -216,7 +220,7 @@ def _generate(argv):
     check_generate_args(generate_parser(), a, pipe)
     inputs = _conditioning_inputs(a)
     if a.fast:
-        pipe.enable_fast_sampling()
+        pipe.enable_fast_sampling(backend=a.fast_backend)
     start = time.perf_counter()
     images = pipe(**inputs, num_images_per_prompt=a.batch if inputs else 1, batch_size=a.batch, num_inference_steps=a.steps,
                   guidance_scale=a.guidance_scale, eta=a.eta, height=a.height, width=a.width,
@@ -324,6 +328,41 @@ def _export(argv):
     print(f"wrote {checkpoint} and {config}")
 
 
+def _demo(argv):
+    import torch
+
+    p = argparse.ArgumentParser(
+        prog="ldm-diffusers demo",
+        description="Serve a Gradio web demo of a pipeline (pip install 'ldm-diffusers[demo]'): the inputs of its "
+        "conditioning mode, sampler, steps, guidance, seed and number of images, and the `ldm-diffusers generate` "
+        "command that reproduces each result.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default="builtin:emoji-text-to-image",
+                   help="LDMPipeline folder, Hub id, or a built-in model.")
+    p.add_argument("--port", type=int_type(1, 65535), default=7860, help="Port on 127.0.0.1 to serve it on.")
+    p.add_argument("--share", action="store_true", help="Also serve it through a public gradio.live link.")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="Device to sample on.")
+    p.add_argument("--push_space", metavar="SPACE_ID", default=None,
+                   help="Serve nothing; push a Hugging Face Space (app.py, requirements.txt, README.md) that runs "
+                        "this demo for --model, which must then be a Hub id or a built-in model.")
+    a = p.parse_args(argv)
+    check_model_path(p, "--model", a.model)
+    if a.push_space is not None:
+        from .demo import push_space
+
+        try:
+            info = push_space(a.push_space, a.model)
+        except ValueError as err:
+            p.error(str(err))
+        print(f"pushed the demo Space for {a.model} -> {info.commit_url}")
+        return
+    from .demo.app import launch_demo
+
+    launch_demo(a.model, a.device, a.port, a.share)
+
+
 COMMANDS = {
     "build-emoji": (_build_emoji, "render the built-in emoji dataset"),
     "train-autoencoder": (_train_autoencoder, "train a KL/VQ stage-1 autoencoder"),
@@ -332,6 +371,7 @@ COMMANDS = {
     "evaluate-autoencoder": (_evaluate_autoencoder, "PSNR / SSIM / rFID of a saved autoencoder"),
     "convert": (_convert, "convert a released CompVis checkpoint + config"),
     "export": (_export, "write a pipeline as a CompVis checkpoint + config"),
+    "demo": (_demo, "a web demo of a pipeline in the browser (Gradio)"),
 }
 
 

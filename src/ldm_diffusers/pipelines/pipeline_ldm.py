@@ -182,10 +182,13 @@ class LDMPipeline(DiffusionPipeline):
         model_card_text: str = "",
         datasets: list[str] | None = None,
         base_model: str | None = None,
+        space: bool | str = False,
     ):
         """Save the pipeline (safetensors) with a model card from ``model_cards/templates/pipeline.md``
         and upload it to ``repo_id``. ``model_card_text`` goes into the card; ``datasets`` and ``base_model``
-        (Hub ids) into its metadata. Returns huggingface_hub's ``CommitInfo``."""
+        (Hub ids) into its metadata. ``space``: then also push a Hugging Face Space running the web demo for it
+        (``ldm_diffusers.demo.push_space``), named ``<repo_id>-demo`` for True, or the given Space id. Returns
+        huggingface_hub's ``CommitInfo`` of the model."""
         import tempfile
 
         from huggingface_hub import create_repo
@@ -196,9 +199,14 @@ class LDMPipeline(DiffusionPipeline):
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, safe_serialization=True)
             pipeline_model_card(self, repo_id, model_card_text, datasets, base_model).save(os.path.join(tmp, "README.md"))
-            return self._upload_folder(
+            info = self._upload_folder(
                 tmp, repo_id, token=token, commit_message=commit_message or "Upload LDMPipeline", create_pr=create_pr
             )
+        if space:
+            from ..demo import push_space
+
+            push_space(f"{repo_id}-demo" if space is True else space, repo_id, token=token, private=private)
+        return info
 
     def register_modules(self, **kwargs):
         # diffusers records a third-party component's library as its full module path
@@ -219,14 +227,15 @@ class LDMPipeline(DiffusionPipeline):
         super().enable_xformers_memory_efficient_attention(attention_op)
 
     # -- speed ----------------------------------------------------------------------------------------
-    def enable_fast_sampling(self, compile_decoder: bool = True) -> None:
-        """Compile eps_theta (and the decoder) with ``torch.compile(fullgraph=True)`` and the inductor settings that
-        pay on the pipeline's device (CPU: frozen weights + C++ wrapper; CUDA: + CUDA graphs); see
+    def enable_fast_sampling(self, compile_decoder: bool = True, backend: str = "inductor") -> None:
+        """Compile eps_theta (and the decoder) once per shape. ``backend="inductor"``: ``torch.compile(fullgraph=True)``
+        with the settings that pay on the pipeline's device (CPU: frozen weights + C++ wrapper; CUDA: + CUDA
+        graphs); ``"openvino"`` (CPU, optional extra): OpenVINO graphs in float32. See
         ``ldm_diffusers.pipelines.fast_sampling``. Outputs equal the eager pipeline's to float32 rounding. Compilation
         happens at the first call of each shape; ``fast_sampling.compile_seconds`` reports it."""
         from .fast_sampling import build_fast_sampling
 
-        self.fast_sampling = build_fast_sampling(self.unet, self.vae, self._execution_device, compile_decoder)
+        self.fast_sampling = build_fast_sampling(self.unet, self.vae, self._execution_device, compile_decoder, backend)
 
     def disable_fast_sampling(self) -> None:
         """Back to the eager modules."""
