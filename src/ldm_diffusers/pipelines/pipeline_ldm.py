@@ -387,8 +387,6 @@ class LDMPipeline(DiffusionPipeline):
         unet = self.unet if fast is None else fast.unet
         if isinstance(self.unet, UNet2DModel):  # diffusers' unconditional LDM UNet takes no context argument
             return self._timed("unet", model_input, unet, model_input, t).sample
-        if context is not None:
-            context = context.to(self.unet.dtype)  # e.g. a half-precision text encoder in front of a float32 UNet
         return self._timed("unet", model_input, unet, model_input, t, encoder_hidden_states=context).sample
 
     def _timed(self, name: str, tensor: torch.Tensor, fn, *args, **kwargs):
@@ -504,9 +502,11 @@ class LDMPipeline(DiffusionPipeline):
         # compiled CUDA graphs take device inputs only: the UNet's timesteps are copied to the device once
         fast_on_device = self.fast_sampling is not None and latents.device.type != "cpu"
         unet_timesteps = self.scheduler.timesteps.to(latents.device) if fast_on_device else self.scheduler.timesteps
+        # in the UNet's dtype once (e.g. a half-precision text encoder in front of a float32 UNet), not every step
+        context = None if cond.context is None else cond.context.to(latents.dtype)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = self._eps(cond.model_input(model_input), unet_timesteps[i], cond.context)
+            eps = self._eps(cond.model_input(model_input), unet_timesteps[i], context)
             if guided:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)
