@@ -133,6 +133,7 @@ def writable_hub(hub_write_server, tmp_path, monkeypatch):
     """The write server (in front of olah) as the Hub, with a user token set: pushes go through it."""
     _point_huggingface_hub_at(hub_write_server.endpoint, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub_write_server.requests.clear()  # the server lives for the session; each test reads only its own requests
     return hub_write_server
 
 

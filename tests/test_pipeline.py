@@ -503,3 +503,31 @@ def test_frozen_pretrained_text_encoder_v_prediction_and_ddim_eta():
     assert not np.allclose(a, b)
     pipe.scheduler = switch_sampler(ldm_scheduler("ddim", "text", prediction_type="epsilon"), "ddim")
     assert not np.allclose(a, run(pipe, prompt="an emoji of a red apple", guidance_scale=3.0))
+
+
+@pytest.mark.parametrize("mode_name", ["super_resolution", "inpainting"])
+def test_training_inputs_condition_the_unet_as_a_users_image_does(mode_name):
+    """What the training loop feeds a concatenation mode must be what sampling makes of a user's PIL image of the
+    same pixels (a [0, 1] tensor where the pipeline reads [-1, 1] would train the UNet on another input range)."""
+    from ldm_diffusers.conditioning import MODES, TrainingColumns
+
+    mode = {m.name: m for m in MODES}[mode_name]
+    pipe = concat_pipe(3 if mode_name == "super_resolution" else 4)
+    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32)).astype(np.float32)) / 127.5 - 1
+    values = mode.training_inputs({"pixel_values": pixels}, TrainingColumns(downsampling_factor=4),
+                                  [np.random.default_rng(i) for i in range(2)])
+    trained = mode.condition(pipe, values, (8, 8)).concat
+
+    def pil(batch):  # [B, 3, H, W] in [-1, 1] -> PIL images, as a user would pass them
+        array = ((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a) for a in array]
+
+    # the user's image: the training image itself (inpainting) or it resized to the latent size (super-resolution)
+    image = pixels if mode_name == "inpainting" else torch.nn.functional.interpolate(
+        pixels, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
+    user = dict(values, image=pil(image))
+    if mode_name == "inpainting":
+        user["mask_image"] = [Image.fromarray((m[0].numpy() * 255).astype(np.uint8)) for m in values["mask_image"]]
+    sampled = mode.condition(pipe, user, (8, 8)).concat
+    assert trained.shape == sampled.shape
+    assert (trained - sampled).abs().max().item() < 0.05  # 8-bit rounding of the image; a range error is ~1

@@ -139,7 +139,8 @@ class SuperResolutionMode(ConditioningMode):
         return Conditioning(concat=image_tensor(values["image"]).to(pipe._execution_device))
 
     def training_inputs(self, batch, columns, rngs=None):
-        """The training image downsampled by f (bicubic, antialiased) to the latent size, in [0, 1]."""
+        """The training image downsampled by f (bicubic, antialiased) to the latent size, in [-1, 1]: the range
+        ``condition`` gives a user's image (PIL and numpy are mapped from [0, 1], tensors taken as they are)."""
         if "low_res" in batch:  # kept by the latent cache
             return {"image": batch["low_res"]}
         return {"image": self.cache_inputs(batch, columns)["low_res"]}
@@ -148,7 +149,7 @@ class SuperResolutionMode(ConditioningMode):
         pixels = batch["pixel_values"]
         size = (pixels.shape[-2] // columns.downsampling_factor, pixels.shape[-1] // columns.downsampling_factor)
         low_res = F.interpolate(pixels.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-        return {"low_res": ((low_res + 1) / 2).clamp(0, 1)}
+        return {"low_res": low_res.clamp(-1, 1)}
 
 
 class InpaintingMode(ConditioningMode):
@@ -186,8 +187,8 @@ class InpaintingMode(ConditioningMode):
     cacheable = False  # a new random mask every step needs a new E(masked image)
 
     def training_inputs(self, batch, columns, rngs=None):
-        """The training image in [0, 1] and a random box / brush-stroke mask per example (the paper's
-        inpainting masks), drawn from that example's generator."""
+        """The training image in [-1, 1] (as ``condition`` reads a user's image) and a random box / brush-stroke
+        mask per example (the paper's inpainting masks), drawn from that example's generator."""
         from ..data.masks import random_inpainting_mask
 
         if "pixel_values" not in batch:
@@ -196,7 +197,7 @@ class InpaintingMode(ConditioningMode):
         h, w = pixels.shape[-2:]
         rngs = rngs or [None] * pixels.shape[0]
         masks = torch.stack([torch.from_numpy(random_inpainting_mask(h, w, rng)) for rng in rngs])[:, None]
-        return {"image": (pixels + 1) / 2, "mask_image": masks.to(pixels.device, pixels.dtype)}
+        return {"image": pixels, "mask_image": masks.to(pixels.device, pixels.dtype)}
 
     def condition(self, pipe, values, latent_size):
         from ..models.autoencoders import latent_scaling_factor

@@ -15,6 +15,8 @@ What pays, measured on this project's machines (``benchmarks/bench_sampling.py -
   with bf16 units would change the outputs by ~0.5%). Its graph compiler fuses convolutions, norms and attention
   for the CPU in seconds instead of inductor's minutes, and its compiled blobs are cached on disk
   (``~/.cache/ldm_diffusers/openvino``) for later processes. Measured in ``benchmarks/bench_sampling.py``.
+  Once it has run, do not fork the process (``DataLoader`` workers with the default ``fork`` start method): forking
+  after OpenVINO's TBB thread pool exists crashed the forking process here.
 
 Shapes are static (``dynamic=False``): one compiled graph per (batch, latent size, guidance on/off), reused by every
 step and every later call with the same shape. Frozen weights are read at the first call: after loading other
