@@ -102,8 +102,8 @@ def main():
 
     from ldm_diffusers.conditioning import TextMode, TrainingColumns, encode_prompts
     from ldm_diffusers.training.latent_cache import encode_latent_moments
-    from ldm_diffusers.training.latent_diffusion import Denoiser, DiffusionObjective, optimisation_step
-    from ldm_diffusers.training.loop import adam_kwargs, compile_module, to_channels_last
+    from ldm_diffusers.training.latent_diffusion import DiffusionObjective, make_denoiser, optimisation_step
+    from ldm_diffusers.training.loop import adam_kwargs
 
     device = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
@@ -128,20 +128,18 @@ def main():
         """(step function, compile seconds) of our loop, eager or with the speed switches."""
         flags = set(a.fast_flags) if fast else set()
         args = SimpleNamespace(seed=0, conditioning_dropout_prob=0.1, noise_offset=0.0, input_perturbation=0.0,
-                               prediction_type="epsilon", snr_gamma=None, max_grad_norm=None,
-                               channels_last="channels_last" in flags)
+                               prediction_type="epsilon", snr_gamma=None, max_grad_norm=None, conditioning="text",
+                               channels_last="channels_last" in flags, compile="compile" in flags,
+                               cache_latents=False, gradient_checkpointing=False,
+                               enable_xformers_memory_efficient_attention=False)
         model, enc_vae, encoder = unet, vae, text_encoder
         if fast:  # own copies: compiling and channels-last change the modules in place
             model, enc_vae, encoder = copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(text_encoder)
-            if args.channels_last:
-                to_channels_last(model, enc_vae)
-            if "compile" in flags:
-                compile_module(model)
-                compile_module(enc_vae.encoder, frozen=True)
-                compile_module(encoder, frozen=True, fullgraph=False)
+        # the training script's own switches: compiles the UNet and, frozen, the encoders that run every step
+        denoiser = make_denoiser(args, accelerator, model, mode, {}, {"text_encoder": encoder, "tokenizer": tokenizer},
+                                 enc_vae)
         params = list(model.parameters())
         optimizer = torch.optim.AdamW(params, lr=1e-4, **adam_kwargs("fused" if "fused" in flags else "foreach", params))
-        denoiser = Denoiser(model, mode, {}, {"text_encoder": encoder, "tokenizer": tokenizer})
         objective = DiffusionObjective(args, mode, columns, enc_vae, scheduler, weight_dtype, device, null_context)
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -41,6 +40,8 @@ from .loop import (
     compile_module,
     data_loader,
     init_trackers,
+    lr_scale,
+    lr_schedule,
     make_accelerator,
     to_channels_last,
 )
@@ -251,9 +252,7 @@ def build_loss(args, model, device) -> AutoencoderLoss:
 def make_optimisers(args, accelerator, model, loss_fn, batches_per_epoch: int):
     """(autoencoder Adam, discriminator Adam, LR schedule of the autoencoder); sets ``args.max_train_steps``
     from ``--num_train_epochs``."""
-    from diffusers.optimization import get_scheduler
-
-    scale = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+    scale = lr_scale(args, accelerator)
     betas = (args.adam_beta1, args.adam_beta2)
     ae_params = list(model.parameters()) + loss_fn.generator_parameters()
     opt_ae = torch.optim.Adam(ae_params, lr=args.learning_rate * scale, betas=betas,
@@ -262,14 +261,7 @@ def make_optimisers(args, accelerator, model, loss_fn, batches_per_epoch: int):
     opt_disc = torch.optim.Adam(disc_params, lr=(args.disc_learning_rate or args.learning_rate) * scale, betas=betas,
                                 weight_decay=args.adam_weight_decay,
                                 **adam_kwargs(args.adam_implementation, disc_params))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps / accelerator.num_processes)
-    if args.num_train_epochs:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_sched = get_scheduler(
-        args.lr_scheduler, opt_ae, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
-    return opt_ae, opt_disc, lr_sched
+    return opt_ae, opt_disc, lr_schedule(args, accelerator, opt_ae, batches_per_epoch)
 
 
 def optimisation_step(accelerator, args, x, step: int, model, raw_model, loss_fn, discriminator_ddp, opt_ae, opt_disc,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +53,8 @@ from .loop import (
     compile_module,
     data_loader,
     init_trackers,
+    lr_scale,
+    lr_schedule,
     make_accelerator,
     to_channels_last,
 )
@@ -569,11 +570,7 @@ def make_denoiser(args, accelerator, unet, mode, trainable: dict, frozen: dict, 
 def make_optimiser(args, accelerator, denoiser: Denoiser, batches_per_epoch: int):
     """AdamW (torch's fused kernel where the device has one, or bitsandbytes' 8-bit) and the LR schedule;
     sets ``args.max_train_steps`` from ``--num_train_epochs``."""
-    from diffusers.optimization import get_scheduler
-
-    lr = args.learning_rate * (
-        args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
-    )
+    lr = args.learning_rate * lr_scale(args, accelerator)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer_cls, kwargs = torch.optim.AdamW, adam_kwargs(args.adam_implementation, params)
     if args.use_8bit_adam:
@@ -584,14 +581,7 @@ def make_optimiser(args, accelerator, denoiser: Denoiser, batches_per_epoch: int
         optimizer_cls, kwargs = bitsandbytes.optim.AdamW8bit, {}
     optimizer = optimizer_cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **kwargs)
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps / accelerator.num_processes)
-    if args.num_train_epochs:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    lr_sched = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
-    return optimizer, lr_sched
+    return optimizer, lr_schedule(args, accelerator, optimizer, batches_per_epoch)
 
 
 # -- one optimisation step --------------------------------------------------------------------------

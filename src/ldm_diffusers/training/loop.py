@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -98,6 +99,25 @@ def adam_kwargs(implementation: str, params: list[torch.Tensor]) -> dict:
         raise SystemExit(f"--adam_implementation fused: torch {torch.__version__} has no fused Adam for "
                          f"{device} parameters; use 'foreach'.")
     return {"fused": True} if supported else {"foreach": True}
+
+
+def lr_scale(args, accelerator) -> int:
+    """``--scale_lr``: the learning rate's factor, batch x accumulation x processes (else 1)."""
+    return args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes if args.scale_lr else 1
+
+
+def lr_schedule(args, accelerator, optimizer, batches_per_epoch: int):
+    """diffusers' ``--lr_scheduler`` over the run's optimisation steps; sets ``args.max_train_steps`` from
+    ``--num_train_epochs`` (``batches_per_epoch``: the loader's batches per process)."""
+    from diffusers.optimization import get_scheduler
+
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps / accelerator.num_processes)
+    if args.num_train_epochs:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    return get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
 
 
 def compile_module(module: nn.Module, frozen: bool = False, fullgraph: bool = True) -> None:
