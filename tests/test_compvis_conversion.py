@@ -210,7 +210,7 @@ def _inputs(pipe, name: str, ref: dict) -> tuple[dict, torch.Tensor | None]:
     if "cond.lr_image_u8" in ref:  # super-resolution: uint8 HWC low-resolution images, concatenated in [-1, 1]
         from PIL import Image
 
-        from ldm_diffusers.conditioning.spatial import image_tensor
+        from ldm_diffusers.conditioning.image_inputs import image_tensor
 
         images = [Image.fromarray(a.numpy()) for a in ref["cond.lr_image_u8"]]
         _assert_matches(image_tensor(images), ref, "cond.concat")

@@ -17,15 +17,9 @@ from test_pipeline import concat_pipe, make_pipe, tiny_unet
 
 from ldm_diffusers import LayoutEncoder, LDMPipeline, ldm_scheduler
 from ldm_diffusers.cli import main, parse_generate_args
-from ldm_diffusers.demo import (
-    DemoInputError,
-    Settings,
-    generate_command,
-    pipeline_mode,
-    run,
-    write_inputs,
-)
-from ldm_diffusers.demo import inputs as ui
+from ldm_diffusers.conditioning import InputError, TextMode
+from ldm_diffusers.conditioning import widgets as ui
+from ldm_diffusers.demo import Settings, generate_command, run, write_inputs
 from ldm_diffusers.demo.app import build_demo
 
 MODES = ["text", "class", "layout", "super_resolution", "inpainting", "segmentation", "unconditional"]
@@ -94,13 +88,13 @@ EVERY_MODE = {"sampler", "steps", "guidance", "seed", "random-seed", "num-images
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_shows_only_its_inputs(mode):
     pipe = demo_pipe(mode)
-    assert pipeline_mode(pipe) == mode
+    assert pipe.mode.name == mode
     ids = component_ids(build_demo(pipe, "org/tiny"))
     assert set(ids) & set().union(*MODE_IDS.values()) == MODE_IDS[mode]
     assert EVERY_MODE <= set(ids)
     guidance = ids["guidance"]
     assert guidance.interactive == (mode in GUIDED) and guidance.value == (3.0 if mode in GUIDED else 1.0)
-    assert ids["input-files"].visible == (mode in ("layout", "super_resolution", "inpainting", "segmentation"))
+    assert not ids["input-files"].visible  # until a request wrote input files
     assert ids["sampler"].value == "dpm++" and "model" in [value for _, value in ids["sampler"].choices]
     if mode == "class":  # the 5 classes, not the null class 5 (the unconditional input)
         assert ids["class"].choices == [(f"class {i}", i) for i in range(5)]
@@ -114,9 +108,9 @@ def test_guidance_only_where_the_model_has_an_unconditional_input():
     from ldm_diffusers import ClassEmbedder
 
     pipe = make_pipe("class")
-    assert ui.has_guidance(pipe, "class")
+    assert pipe.mode.can_guide(pipe)
     pipe.class_embedder = ClassEmbedder(num_classes=5, context_dim=16, has_null_class=False)  # CompVis cin256-like
-    assert not ui.has_guidance(pipe, "class")
+    assert not pipe.mode.can_guide(pipe)
     assert not component_ids(build_demo(pipe, "org/tiny"))["guidance"].interactive
 
 
@@ -138,10 +132,11 @@ def test_the_shown_command_makes_the_same_images(mode, tmp_path, monkeypatch):
 
     folder = tmp_path / "run"
     folder.mkdir()
-    written = write_inputs(inputs, folder)
-    line = generate_command(model, inputs, settings, "cpu")
+    mode_words, written = write_inputs(pipe.mode, inputs, folder)
+    line = generate_command(model, mode_words, settings, "cpu")
     words = shlex.split(line)
     assert words[:2] == ["ldm-diffusers", "generate"]
+    assert bool(written) == (mode in ("layout", "super_resolution", "inpainting", "segmentation"))
     assert all(f" {path.name} " in f"{line} " for path in written)
     monkeypatch.chdir(folder)
     main(words[1:])
@@ -157,7 +152,8 @@ def test_the_shown_command_makes_the_same_images(mode, tmp_path, monkeypatch):
 def test_command_quotes_prompts_and_keeps_flags_apart():
     settings = Settings("plms", 7, 4.5, seed=2**63, num_images=3, fast=True)
     for prompt in ("it's a \"cat\"; rm -rf /", "-a prompt that looks like a flag"):
-        line = generate_command("org/tiny", {"prompt": [prompt], "negative_prompt": ["blurry"]}, settings, "cpu")
+        words = TextMode().command_words({"prompt": [prompt], "negative_prompt": ["blurry"]}, ".")
+        line = generate_command("org/tiny", words, settings, "cpu")
         a = parse_generate_args(shlex.split(line)[2:])
         assert a.prompt == [prompt] and a.negative_prompt == "blurry" and a.model == "org/tiny"
         assert (a.scheduler, a.steps, a.guidance_scale, a.seed, a.batch, a.fast) == ("plms", 7, 4.5, 2**63, 3, True)
@@ -203,7 +199,7 @@ def test_widget_values_become_pipeline_inputs():
     (lambda: ui.layout_inputs([[1, 0, 0, "inf", 1]]), "'inf' is not a finite number"),
 ])
 def test_bad_widget_values_give_messages(call, message):
-    with pytest.raises(DemoInputError, match=message.replace("(", r"\(")):
+    with pytest.raises(InputError, match=message.replace("(", r"\(")):
         call()
 
 

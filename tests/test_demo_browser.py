@@ -282,7 +282,7 @@ def edit_cell(driver, row: int, column: int, text: str):
 
 
 def test_layout_table_with_preview(servers, browser, screenshots):
-    from ldm_diffusers.demo.inputs import class_colors
+    from ldm_diffusers.conditioning.widgets import class_colors
 
     open_demo(browser, servers["layout"])
     before = find(browser, "#layout-preview img").get_attribute("src")

@@ -96,12 +96,13 @@ def test_a_damaged_latent_cache_is_rebuilt_not_trained_on(tmp_path, caplog):
     recorded and rebuilt with the same contents; a build killed half-way never had a name to be found by."""
     from conftest import tiny_kl
 
+    from ldm_diffusers.conditioning import UNCONDITIONAL
     from ldm_diffusers.training.latent_cache import INFO_FILE, build_latent_cache, cache_problem
 
     rows = [{"pixel_values": torch.rand(3, 16, 16) * 2 - 1, "index": i} for i in range(6)]
     vae = tiny_kl(4).eval()
     settings = {"test": "damaged cache"}
-    first = build_latent_cache(rows, vae, None, None, tmp_path, settings, batch_size=4, show_progress=False)
+    first = build_latent_cache(rows, vae, UNCONDITIONAL, None, tmp_path, settings, batch_size=4, show_progress=False)
     (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     assert cache_problem(folder) is None
     expected = first[:]["latent_mean"].clone()
@@ -110,7 +111,7 @@ def test_a_damaged_latent_cache_is_rebuilt_not_trained_on(tmp_path, caplog):
     arrow.write_bytes(whole[: len(whole) // 2])
     assert "bytes" in cache_problem(folder)
     with caplog.at_level("WARNING"):
-        rebuilt = build_latent_cache(rows, vae, None, None, tmp_path, settings, batch_size=4, show_progress=False)
+        rebuilt = build_latent_cache(rows, vae, UNCONDITIONAL, None, tmp_path, settings, batch_size=4, show_progress=False)
     assert "unusable" in caplog.text and "rebuilding" in caplog.text
     assert cache_problem(folder) is None and arrow.read_bytes() == whole
     assert torch.equal(rebuilt[:]["latent_mean"], expected)

@@ -310,7 +310,7 @@ def test_spatial_modes_are_checked_against_the_unet():
     pipe = concat_pipe(3)  # a super-resolution UNet
     with pytest.raises(ValueError, match="gives 4 channels to concatenate to z_t, but this UNet takes 3"):
         pipe(image=Image.new("RGB", (32, 32)), mask_image=Image.new("L", (32, 32)))
-    with pytest.raises(ValueError, match="conditional: pass mask_image or image or segmentation_map"):
+    with pytest.raises(ValueError, match="conditional: pass image or mask_image or segmentation_map"):
         pipe()
     with pytest.raises(ValueError, match="one conditioning input"):
         pipe(image=torch.zeros(1, 3, 8, 8), segmentation_map=torch.zeros(8, 8, dtype=torch.long))
@@ -509,9 +509,9 @@ def test_frozen_pretrained_text_encoder_v_prediction_and_ddim_eta():
 def test_training_inputs_condition_the_unet_as_a_users_image_does(mode_name):
     """What the training loop feeds a concatenation mode must be what sampling makes of a user's PIL image of the
     same pixels (a [0, 1] tensor where the pipeline reads [-1, 1] would train the UNet on another input range)."""
-    from ldm_diffusers.conditioning import MODES, TrainingColumns
+    from ldm_diffusers.conditioning import TrainingColumns, mode_named
 
-    mode = {m.name: m for m in MODES}[mode_name]
+    mode = mode_named(mode_name)
     pipe = concat_pipe(3 if mode_name == "super_resolution" else 4)
     pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32)).astype(np.float32)) / 127.5 - 1
     values = mode.training_inputs({"pixel_values": pixels}, TrainingColumns(downsampling_factor=4),

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .utils.arguments import check_model_path, int_type, non_negative_float, non_negative_int, positive_int
+from .conditioning import mode_named, modes
+from .utils.arguments import check_model_path, int_type, non_negative_float, positive_int
 
 
 def _build_emoji(argv):
@@ -51,24 +52,13 @@ def generate_parser() -> argparse.ArgumentParser:
         description="Sample images from a trained LDMPipeline (local folder or Hub id) and save them as one grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("prompt", nargs="*", help="Prompt(s) for a text-to-image model.")
     p.add_argument("--model", default="builtin:emoji-text-to-image",
                    help="LDMPipeline folder, Hub id, or a built-in model (the emoji text-to-image LDM that ships "
                         "with the package).")
     p.add_argument("--out", default="samples.png", help="Output PNG (a grid when several images).")
-    p.add_argument("--class_labels", type=non_negative_int, nargs="+", default=None, help="For class-conditional models.")
-    p.add_argument("--image", default=None,
-                   help="Input image: the low-resolution image for a super-resolution model, the image to fill for "
-                        "an inpainting model (with --mask_image).")
-    p.add_argument("--mask_image", default=None, help="Inpainting mask (white = fill in), same size as --image.")
-    p.add_argument("--segmentation_map", default=None,
-                   help="For a semantic-synthesis model: a label map of class ids, a single-channel PNG ('L', 'P' or "
-                        "'I' mode) or a .npy integer array [H, W]; the image has its size.")
-    p.add_argument("--layout", default=None,
-                   help='For a layout-to-image model: a JSON file with a list of [class_id, [x0, y0, x1, y1]] '
-                        '(coordinates in [0, 1], x right, y down), e.g. [[5, [0.1, 0.2, 0.55, 0.7]]], or a list of '
-                        'such lists (one image each).')
-    p.add_argument("--negative_prompt", default=None)
+    g = p.add_argument_group("conditioning inputs (one mode's; the model decides which it takes)")
+    for mode in modes():
+        mode.add_generate_arguments(g)
     p.add_argument("--batch", type=positive_int, default=1, help="Images per prompt (or unconditional images).")
     # the defaults: the fastest setting whose FID on the built-in model is within 5% of DDIM 50
     # (benchmarks/results/sampler_study: DPM-Solver++ 10 steps, FID 134.2 vs 131.8, 0.12 s vs 0.49 s per image)
@@ -117,26 +107,13 @@ def parse_generate_args(argv) -> argparse.Namespace:
     p = generate_parser()
     a = p.parse_args(argv)
     check_model_path(p, "--model", a.model)
-    given = [name for name, value in (("prompts", a.prompt), ("--class_labels", a.class_labels), ("--image", a.image),
-                                      ("--segmentation_map", a.segmentation_map), ("--layout", a.layout)) if value]
-    if len(given) > 1:
-        p.error(f"pass one conditioning input, got {' and '.join(given)}: prompts (text-to-image), --class_labels, "
-                "--image (super-resolution; with --mask_image inpainting), --segmentation_map or --layout.")
-    for flag, path in (("--image", a.image), ("--mask_image", a.mask_image), ("--segmentation_map", a.segmentation_map),
-                       ("--layout", a.layout)):
-        if path is not None and not Path(path).is_file():
-            p.error(f"{flag} {path}: no such file.")
-    if a.mask_image is not None and a.image is None:
-        p.error("--mask_image needs --image (the image whose masked part is filled in).")
-    if a.layout is not None:
-        try:
-            a.layout = json.loads(Path(a.layout).read_text())
-        except (ValueError, UnicodeDecodeError) as err:
-            p.error(f"--layout {a.layout}: not a JSON file ({err}).")
-    if a.segmentation_map is not None:
-        a.segmentation_map = _read_label_map(p, a.segmentation_map)
-    if a.negative_prompt is not None and not a.prompt:
-        p.error("--negative_prompt needs prompts: it is the text-to-image model's unconditional input.")
+    try:
+        a.inputs = {mode.name: found for mode in modes() if (found := mode.generate_inputs(a)) is not None}
+    except ValueError as err:
+        p.error(str(err))
+    if len(a.inputs) > 1:
+        p.error(f"pass one conditioning input, got inputs of the {' and '.join(a.inputs)} modes: "
+                f"{', '.join(i for m in a.inputs for i in mode_named(m).inputs if i in a.inputs[m])}.")
     out = Path(a.out)
     from PIL import Image
 
@@ -156,55 +133,23 @@ def check_generate_args(p: argparse.ArgumentParser, a: argparse.Namespace, pipe)
     if a.steps > pipe.max_inference_steps():
         p.error(f"--steps {a.steps}: this model's {type(pipe.scheduler).__name__} takes at most "
                 f"{pipe.max_inference_steps()} steps.")
-    if a.class_labels is not None:
-        if pipe.class_embedder is None:
-            p.error(f"--class_labels needs a class-conditional model; {a.model} has no class_embedder.")
-        known = pipe.class_embedder.config.num_classes
-        bad = sorted({c for c in a.class_labels if c >= known})
-        if bad:
-            p.error(f"--class_labels {' '.join(map(str, bad))}: this model knows class ids 0..{known - 1}.")
-    if a.prompt and pipe.text_encoder is None:
-        p.error(f"prompts need a text-to-image model; {a.model} has no text_encoder.")
+    inputs = conditioning_inputs(a)
     try:
-        mode = pipe.select_mode(_conditioning_inputs(a))
-        if mode is not None:
-            mode.check_inputs(pipe, _conditioning_inputs(a))
+        mode = pipe.select_mode(inputs)
+        mode.check_inputs(pipe, inputs)
     except (TypeError, ValueError) as err:
         p.error(f"{err} (prompts are positional arguments; see --help for the other inputs)")
-    has_null = mode is not None and mode.null_values(pipe, _conditioning_inputs(a)) is not None
+    has_null = mode.null_values(pipe, inputs) is not None
     if a.guidance_scale is None:
         a.guidance_scale = 3.0 if has_null else 1.0
     elif a.guidance_scale > 1 and not has_null:
-        p.error(f"--guidance_scale {a.guidance_scale:g}: this model's {mode.name if mode else 'unconditional'} "
-                "sampling has no unconditional input to guide against; use --guidance_scale 1.")
+        p.error(f"--guidance_scale {a.guidance_scale:g}: this model's {mode.name} sampling has no unconditional input "
+                "to guide against; use --guidance_scale 1.")
 
 
-def _read_label_map(p: argparse.ArgumentParser, path: str):
-    """A label map of class ids from a .npy file (integers, no pickles) or a single-channel image."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if path.endswith(".npy"):
-            return np.load(path, allow_pickle=False)
-        return Image.open(path)
-    except (ValueError, OSError, UnidentifiedImageError) as err:
-        p.error(f"--segmentation_map {path}: not a .npy array or an image ({err}).")
-
-
-def _conditioning_inputs(a: argparse.Namespace) -> dict:
-    """The pipeline's conditioning arguments from the ``generate`` flags."""
-    if a.prompt:
-        return {"prompt": a.prompt, "negative_prompt": None if a.negative_prompt is None else [a.negative_prompt] * len(a.prompt)}
-    if a.image is not None:
-        from PIL import Image
-
-        inputs = {"image": Image.open(a.image).convert("RGB")}
-        if a.mask_image is not None:
-            inputs["mask_image"] = Image.open(a.mask_image).convert("L")
-        return inputs
-    names = {"class_labels": a.class_labels, "segmentation_map": a.segmentation_map, "layout": a.layout}
-    return {name: value for name, value in names.items() if value is not None}
+def conditioning_inputs(a: argparse.Namespace) -> dict:
+    """The pipeline's conditioning arguments from the parsed ``generate`` flags (one mode's, or none)."""
+    return next(iter(a.inputs.values()), {})
 
 
 def _generate(argv):
@@ -218,7 +163,7 @@ def _generate(argv):
     if a.scheduler != "model":
         pipe.scheduler = switch_sampler(pipe.scheduler, a.scheduler)
     check_generate_args(generate_parser(), a, pipe)
-    inputs = _conditioning_inputs(a)
+    inputs = conditioning_inputs(a)
     if a.fast:
         pipe.enable_fast_sampling(backend=a.fast_backend)
     start = time.perf_counter()
@@ -230,7 +175,7 @@ def _generate(argv):
     else:
         from diffusers.utils import make_image_grid
 
-        rows = max(1, len(a.prompt) if a.prompt else 1)
+        rows = len(images) // a.batch if inputs and a.batch > 1 else 1  # a row per input's batch, else one row
         make_image_grid(images, rows=rows, cols=len(images) // rows).save(a.out)
     compiling = sum(pipe.fast_sampling.compile_seconds.values()) if a.fast else 0.0
     print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s"

@@ -85,25 +85,16 @@ def hub_base_model(*candidates: str | None) -> str | None:
 
 
 def pipeline_task(pipe) -> tuple[str, str, str]:
-    """(what the pipeline is conditioned on, its Hub pipeline tag, a one-line usage example)."""
-    if pipe.text_encoder is not None:
-        return "text prompts", "text-to-image", 'image = pipe("an emoji of a red apple", guidance_scale=3.0).images[0]'
-    if pipe.class_embedder is not None:
-        return "class labels", "unconditional-image-generation", "image = pipe(class_labels=[0], guidance_scale=3.0).images[0]"
-    if pipe.layout_encoder is not None:
-        return "layouts", "text-to-image", "image = pipe(layout=[(0, (0.1, 0.1, 0.6, 0.7))]).images[0]"
-    if getattr(pipe, "segmentation_encoder", None) is not None:
-        return "segmentation maps", "image-to-image", "image = pipe(segmentation_map=label_map).images[0]"
-    if pipe.unet.config.in_channels > pipe.unet.config.out_channels:
-        return "a spatially aligned input", "image-to-image", "image = pipe(image=low_res_image).images[0]"
-    return "nothing (unconditional)", "unconditional-image-generation", "image = pipe().images[0]"
+    """(what the pipeline is conditioned on, its Hub pipeline tag, a one-line usage example): its mode's."""
+    mode = pipe.mode
+    return mode.conditioned_on, mode.pipeline_tag, mode.usage
 
 
 def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list[str] | None = None,
                         base_model: str | None = None):
     """A ``huggingface_hub.ModelCard`` for an :class:`~ldm_diffusers.LDMPipeline`, from ``pipeline.md``."""
-    encoders = [(n, type(getattr(pipe, n)).__name__) for n in ("text_encoder", "class_embedder", "layout_encoder",
-                                                                "segmentation_encoder") if getattr(pipe, n, None) is not None]
+    encoders = [(n, type(module).__name__) for n, module in pipe.components.items()
+                if module is not None and n not in ("vae", "unet", "scheduler", "tokenizer")]
     concat = pipe.unet.config.in_channels - pipe.unet.config.out_channels
     conditioning, tag, usage = pipeline_task(pipe)
     sched = pipe.scheduler.config

@@ -1,12 +1,24 @@
 """tau_theta and the conditioning "switch".
 
-Each mode is a :class:`~ldm_diffusers.conditioning.base.ConditioningMode` in its own file; ``MODES``
-lists them in the order the pipeline and the training loop consult them.
+Each mode is a :class:`~ldm_diffusers.conditioning.base.ConditioningMode` in its own file that knows everything
+about itself; the registry (:mod:`.registry`) lists them in the order the pipeline consults them, with the
+unconditional fallback last. A new mode is one :func:`register_mode` call.
 """
 
-from .base import Conditioning, ConditioningMode, TrainingColumns
+from .base import Conditioning, ConditioningMode, Encoders, InputError, TrainingColumns, add_argument_once
 from .class_label import ClassEmbedder, ClassMode
 from .layout import LayoutBERTEncoder, LayoutEncoder, LayoutMode
+from .registry import (
+    UNCONDITIONAL,
+    UnconditionalMode,
+    component_names,
+    input_names,
+    mode_named,
+    mode_of,
+    modes,
+    register_mode,
+    unregister_mode,
+)
 from .spatial import InpaintingMode, SegmentationMode, SpatialRescaler, SuperResolutionMode
 from .text import (
     TextMode,
@@ -18,22 +30,18 @@ from .text import (
     tokenize,
 )
 
-MODES: tuple[ConditioningMode, ...] = (
-    TextMode(),
-    ClassMode(),
-    LayoutMode(),
-    InpaintingMode(),
-    SuperResolutionMode(),
-    SegmentationMode(),
-)
+for _mode in (TextMode(), ClassMode(), LayoutMode(), SuperResolutionMode(), InpaintingMode(), SegmentationMode()):
+    register_mode(_mode)
 
 __all__ = [
-    "MODES",
+    "UNCONDITIONAL",
     "ClassEmbedder",
     "ClassMode",
     "Conditioning",
     "ConditioningMode",
+    "Encoders",
     "InpaintingMode",
+    "InputError",
     "LayoutBERTEncoder",
     "LayoutEncoder",
     "LayoutMode",
@@ -42,10 +50,19 @@ __all__ = [
     "SuperResolutionMode",
     "TextMode",
     "TrainingColumns",
+    "UnconditionalMode",
+    "add_argument_once",
     "bert_tokenizer",
     "build_text_transformer",
+    "component_names",
     "encode_prompts",
+    "input_names",
     "load_frozen_text_encoder",
     "minilm_path",
+    "mode_named",
+    "mode_of",
+    "modes",
+    "register_mode",
     "tokenize",
+    "unregister_mode",
 ]

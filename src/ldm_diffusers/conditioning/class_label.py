@@ -7,8 +7,10 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..utils.arguments import non_negative_int, positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
-from .base import Conditioning, ConditioningMode
+from . import widgets
+from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, is_int, shown
 
 
 class ClassEmbedder(ComponentCardMixin, ModelMixin, ConfigMixin):
@@ -56,6 +58,16 @@ class ClassMode(ConditioningMode):
     name = "class"
     inputs = ("class_labels",)
     components = ("class_embedder",)
+    trains_null = True
+    title = "class-conditional"
+    conditioned_on = "class labels"
+    pipeline_tag = "unconditional-image-generation"
+    usage = "image = pipe(class_labels=[0], guidance_scale=3.0).images[0]"
+    noise_schedule = "class"
+    compvis_cond_stage_key = "class_label"
+
+    def can_guide(self, pipe):
+        return pipe.class_embedder.null_class is not None
 
     @staticmethod
     def _labels(values) -> torch.Tensor:
@@ -67,8 +79,6 @@ class ClassMode(ConditioningMode):
     def check_inputs(self, pipe, values):
         """Integer ids (an int, a list of ints or an integer tensor/array of at most one dimension), at least
         one, each in 0..num_classes - 1 of the class embedder's config (or num_classes, the null class)."""
-        from .base import is_int, shown
-
         labels = values["class_labels"]
         num_classes = pipe.class_embedder.config.num_classes
         accepted = (f"an int, a list of ints or a 1-d integer tensor of class ids in 0..{num_classes - 1} "
@@ -107,3 +117,58 @@ class ClassMode(ConditioningMode):
 
     def dataset_columns(self, columns):
         return {columns.class_column: "class_labels"}
+
+    # -- training -----------------------------------------------------------------------------------
+    def add_training_arguments(self, group):
+        add_argument_once(group, "--num_classes", type=positive_int, default=None,
+                          help="Class / layout mode: the class count (default: from the dataset).")
+        group.add_argument("--class_column", default=None, help="Class mode; default: 'label', else 'group_id' (emoji).")
+        group.add_argument("--validation_class_labels", type=non_negative_int, nargs="+", default=None,
+                           help="Class mode: the labels of the validation grids.")
+
+    def check_training_args(self, parser, args):
+        bad = sorted({c for c in args.validation_class_labels or [] if args.num_classes and c >= args.num_classes})
+        if bad:
+            parser.error(f"--validation_class_labels {bad}: --num_classes {args.num_classes} allows "
+                         f"0..{args.num_classes - 1}.")
+
+    def build_encoders(self, args, train_ds, vae):
+        return Encoders(trainable={"class_embedder": ClassEmbedder(num_classes=self._class_count(args, train_ds),
+                                                                   context_dim=args.context_dim)},
+                        context_dim=args.context_dim)
+
+    @staticmethod
+    def _class_count(args, train_ds) -> int:
+        from datasets import ClassLabel  # datasets is imported only by training
+
+        if args.num_classes:
+            return args.num_classes
+        feature = train_ds.features.get(args.class_column)
+        if isinstance(feature, ClassLabel):
+            return feature.num_classes
+        if args.streaming:
+            raise SystemExit(f"--streaming: the class column '{args.class_column}' is not a ClassLabel, so the class "
+                             "count is unknown before the stream is read: pass --num_classes.")
+        return int(max(train_ds[args.class_column])) + 1
+
+    def validation_values(self, args):
+        labels = args.validation_class_labels
+        return {"class_labels": torch.tensor(labels)} if labels else None
+
+    # -- generate and the demo ----------------------------------------------------------------------
+    def add_generate_arguments(self, parser):
+        parser.add_argument("--class_labels", type=non_negative_int, nargs="+", default=None,
+                            help="For class-conditional models.")
+
+    def generate_inputs(self, args):
+        return None if args.class_labels is None else {"class_labels": args.class_labels}
+
+    def command_words(self, inputs, folder):
+        return ["--class_labels", *(str(c) for c in inputs["class_labels"])]
+
+    def demo_inputs(self, gr, pipe):
+        choices = [(f"class {i}", i) for i in range(pipe.class_embedder.config.num_classes)]
+        return [gr.Dropdown(choices, value=choices[0][1], label="Class", elem_id="class")], widgets.class_inputs
+
+    def shown_inputs(self, inputs):
+        return {"class_labels": inputs["class_labels"]}

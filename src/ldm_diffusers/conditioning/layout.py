@@ -15,8 +15,14 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+import json
+from pathlib import Path
+
+from ..data.scenes import scene_classes
+from ..utils.arguments import positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
-from .base import Conditioning, ConditioningMode
+from . import widgets
+from .base import Conditioning, ConditioningMode, Encoders, add_argument_once
 
 Box = tuple[float, float, float, float]
 Layout = Sequence[tuple[int, Box]]
@@ -172,9 +178,21 @@ def as_layout_batch(layout) -> list:
 
 
 class LayoutMode(ConditioningMode):
+    """``layout``: a list of (class_id, (x0, y0, x1, y1)) per image -> the layout encoder's tokens."""
+
     name = "layout"
     inputs = ("layout",)
     components = ("layout_encoder",)
+    trains_null = True
+    title = "layout-to-image"
+    conditioned_on = "layouts"
+    pipeline_tag = "text-to-image"
+    usage = "image = pipe(layout=[(0, (0.1, 0.1, 0.6, 0.7))]).images[0]"
+    default_dataset = "emoji-scenes"
+    compvis_cond_stage_key = "coordinates_bbox"
+
+    def can_guide(self, pipe):
+        return pipe.layout_encoder.has_null_layout
 
     def batch_size(self, values):
         return len(as_layout_batch(values["layout"]))
@@ -211,3 +229,63 @@ class LayoutMode(ConditioningMode):
             return [(int(o[0]), tuple(float(v) for v in (o[1:5] if len(o) == 5 else o[1]))) for o in layout]
 
         return {"layout": [as_pairs(layout) for layout in batch["layout"]]}
+
+    # -- training -----------------------------------------------------------------------------------
+    def add_training_arguments(self, group):
+        add_argument_once(group, "--num_classes", type=positive_int, default=None,
+                          help="Class / layout mode: the class count (default: from the dataset).")
+        group.add_argument("--max_objects", type=positive_int, default=8, help="Layout mode: objects per layout.")
+        group.add_argument("--layout_encoder_layers", type=positive_int, default=2)
+        group.add_argument("--layout_column", default="layout", help="Layout mode: the dataset's layout column.")
+
+    def check_training_args(self, parser, args):
+        if args.context_dim % max(1, args.context_dim // 64):
+            parser.error(f"--context_dim {args.context_dim}: the layout encoder uses context_dim // 64 = "
+                         f"{args.context_dim // 64} attention heads, which must divide it (e.g. 64, 128, 256).")
+
+    def build_encoders(self, args, train_ds, vae):
+        classes = args.num_classes or (len(scene_classes(args.resolution)) if args.dataset_name == "emoji-scenes" else None)
+        if classes is None:
+            raise SystemExit("Pass --num_classes (the object classes of your layouts).")
+        encoder = LayoutEncoder(num_classes=classes, context_dim=args.context_dim, max_objects=args.max_objects,
+                                depth=args.layout_encoder_layers, num_heads=max(1, args.context_dim // 64))
+        return Encoders(trainable={"layout_encoder": encoder}, context_dim=args.context_dim)
+
+    # -- generate and the demo ----------------------------------------------------------------------
+    def add_generate_arguments(self, parser):
+        parser.add_argument("--layout", default=None,
+                            help="For a layout-to-image model: a JSON file with a list of [class_id, [x0, y0, x1, y1]] "
+                                 "(coordinates in [0, 1], x right, y down), e.g. [[5, [0.1, 0.2, 0.55, 0.7]]], or a list "
+                                 "of such lists (one image each).")
+
+    def generate_inputs(self, args):
+        if args.layout is None:
+            return None
+        path = Path(args.layout)
+        if not path.is_file():
+            raise ValueError(f"--layout {args.layout}: no such file.")
+        try:
+            return {"layout": json.loads(path.read_text())}
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"--layout {args.layout}: not a JSON file ({err}).") from None
+
+    def command_words(self, inputs, folder):
+        (Path(folder) / "layout.json").write_text(json.dumps(inputs["layout"]))
+        return ["--layout", "layout.json"]
+
+    def demo_inputs(self, gr, pipe):
+        size = widgets.default_size(pipe)
+        n = pipe.layout_encoder.config.num_classes
+        free = min(pipe.layout_encoder.config.max_objects, 8) - 1  # empty rows to fill in
+        rows = [[0, 0.1, 0.1, 0.6, 0.7]] + [[None] * 5 for _ in range(free)]
+        table = gr.Dataframe(value=rows, headers=widgets.LAYOUT_COLUMNS, datatype="number", type="array",
+                             column_count=5, elem_id="layout-table",
+                             label=f"Layout: one box per row, class 0..{n - 1}, corners in [0, 1] (x right, y down)")
+        scale = max(1, 256 // size[1])
+        preview = gr.Image(widgets.layout_preview(rows, size, n, scale), label="Layout preview", interactive=False,
+                           format="png", elem_id="layout-preview")
+        table.change(lambda value: widgets.layout_preview(value, size, n, scale), table, preview, queue=False)
+        return [table], widgets.layout_inputs
+
+    def shown_inputs(self, inputs):
+        return {"layout": json.dumps(inputs["layout"])}

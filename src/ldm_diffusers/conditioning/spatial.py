@@ -12,105 +12,50 @@ None of them has an unconditional version, so classifier-free guidance does not 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
 
+from ..data.masks import random_inpainting_mask
+from ..data.scenes import scene_classes
+from ..models.autoencoders import latent_scaling_factor
+from ..models.unet import unet_cross_attends
+from ..utils.arguments import positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
-from .base import Conditioning, ConditioningMode, shown
+from . import widgets
+from .base import Conditioning, ConditioningMode, Encoders, add_argument_once
+from .image_inputs import check_divisible, check_image_input, check_rgb, image_tensor, mask_tensor
 
-_images = VaeImageProcessor(do_resize=False)
-_masks = VaeImageProcessor(do_resize=False, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-
-
-def image_tensor(image) -> torch.Tensor:
-    """PIL image(s), numpy array(s) in [0, 1] or a tensor in [-1, 1] -> [B, 3, H, W] in [-1, 1].
-
-    Tensors are taken as they are: diffusers' processor would guess their range from the minimum (and warns
-    that [-1, 1] tensors are deprecated there), which misreads a [-1, 1] image without negative values."""
-    if isinstance(image, (list, tuple)) and image and isinstance(image[0], torch.Tensor):
-        image = torch.cat([t if t.ndim == 4 else t[None] for t in image])
-    if isinstance(image, torch.Tensor):
-        return (image if image.ndim == 4 else image[None]).float()
-    return _images.preprocess(image)
+def concat_channels(pipe) -> int:
+    """Channels the UNet takes besides z_t, or -1 where it also cross-attends (no spatial mode alone)."""
+    config = pipe.unet.config
+    return -1 if unet_cross_attends(config) else config.in_channels - config.out_channels
 
 
-def mask_tensor(mask) -> torch.Tensor:
-    """Mask image(s) -> [B, 1, H, W] in {0, 1} (1 = fill)."""
-    return _masks.preprocess(mask)
+def has_encoder(pipe) -> bool:
+    """Whether a loaded pipeline has a conditioning encoder (any component besides the autoencoder, UNet and
+    scheduler)."""
+    return any(v is not None for k, v in pipe.components.items() if k not in ("vae", "unet", "scheduler"))
 
 
-# (accepted types, value range of tensors, value range of arrays, dimensions of tensors / arrays) per input kind
-_ACCEPTED = {
-    "image": (("a PIL image, a float numpy array [H, W, 3] / [B, H, W, 3] in [0, 1], a float tensor [3, H, W] / "
-               "[B, 3, H, W] in [-1, 1], or a list of one of these"), (-1.0, 1.0), (0.0, 1.0), (3, 4)),
-    "mask": (("a PIL image, a numpy array or tensor [H, W] / [B, H, W] / [B, 1, H, W] in [0, 1] (1 = fill), or a "
-              "list of one of these"), (0.0, 1.0), (0.0, 1.0), (2, 3, 4)),
-    "segmentation": (("a single-channel PIL image ('L', 'P' or 'I'), an integer numpy array or tensor [H, W] / "
-                      "[B, H, W] of class ids, or a list of [H, W] maps"), None, None, (2, 3)),
-}
+def add_image_arguments(parser) -> None:
+    add_argument_once(parser, "--image", default=None,
+                      help="Input image: the low-resolution image for a super-resolution model, the image to fill for "
+                           "an inpainting model (with --mask_image).")
 
 
-def check_image_input(name: str, image, kind: str = "image") -> None:
-    """Refuse an image-like input of the wrong type, dimension, size or value range (NaN and inf included),
-    naming ``name`` and what it accepts. ``kind``: "image" (RGB in [-1, 1] / [0, 1]), "mask" or "segmentation"
-    (integer class ids; their range is the mode's to check)."""
-    import PIL.Image
-
-    accepted, tensor_range, array_range, dims = _ACCEPTED[kind]
-    items = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not items:
-        raise ValueError(f"{name} is an empty list; pass {accepted}.")
-    if len({type(item) for item in items}) > 1 or not isinstance(items[0], (PIL.Image.Image, np.ndarray, torch.Tensor)):
-        raise TypeError(f"{name} must be {accepted}; got {shown(image)}.")
-    sizes = set()
-    for item in items:
-        if isinstance(item, PIL.Image.Image):
-            if kind == "segmentation" and item.mode not in ("L", "P", "I", "I;16", "1"):
-                raise ValueError(f"{name} is a PIL image in mode '{item.mode}'; class ids need a single-channel image "
-                                 "('L', 'P' or 'I').")
-            sizes.add((item.height, item.width))
-            continue
-        values = torch.from_numpy(item) if isinstance(item, np.ndarray) else item
-        if values.ndim not in dims:
-            raise ValueError(f"{name} has shape {tuple(values.shape)}; pass {accepted}.")
-        floating = values.is_floating_point()
-        if values.is_complex() or (kind == "image" and not floating) or (
-                kind == "segmentation" and (floating or values.dtype == torch.bool)):
-            wanted = {"image": "float", "mask": "real", "segmentation": "integer"}[kind]
-            raise TypeError(f"{name} must be {wanted} ({accepted}), got dtype {values.dtype}.")
-        height, width = values.shape[-3:-1] if kind == "image" and isinstance(item, np.ndarray) else values.shape[-2:]
-        if values.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(values.shape)}); pass {accepted}.")
-        sizes.add((int(height), int(width)))
-        if floating and not torch.isfinite(values).all():
-            raise ValueError(f"{name} contains {'NaN' if torch.isnan(values).any() else 'inf'} values; pass {accepted}.")
-        value_range = tensor_range if isinstance(item, torch.Tensor) else array_range
-        if value_range and values.dtype != torch.bool and (values.min() < value_range[0] or values.max() > value_range[1]):
-            raise ValueError(f"{name} holds values in [{values.min().item():.4g}, {values.max().item():.4g}], outside "
-                             f"[{value_range[0]:g}, {value_range[1]:g}]; pass {accepted}.")
-    if len(sizes) > 1:
-        raise ValueError(f"The {name} list mixes sizes {sorted(sizes)}; every entry must have the same size.")
-    if min(min(size) for size in sizes) < 1:
-        raise ValueError(f"{name} is empty (size {sizes.pop()}); pass {accepted}.")
-
-
-def _check_rgb(image) -> torch.Tensor:
-    tensor = image_tensor(image)
-    if tensor.ndim != 4 or tensor.shape[1] != 3:
-        raise ValueError(f"image must be RGB: it gives a tensor of shape {tuple(tensor.shape)}, not [B, 3, H, W].")
-    return tensor
-
-
-def _check_divisible(name: str, size, pipe) -> None:
-    f = pipe.vae_scale_factor
-    if size[0] % f or size[1] % f:
-        raise ValueError(f"{name} is {size[0]}x{size[1]}, which fixes the output size; both sides must be divisible by "
-                         f"the autoencoder's factor f={f} (e.g. {size[0] - size[0] % f or f}x{size[1] - size[1] % f or f}).")
+def open_image(flag: str, path: str, mode: str) -> PIL.Image.Image:
+    """The image file ``path`` of ``flag``, converted to ``mode``, or a ``ValueError`` naming the flag."""
+    try:
+        return PIL.Image.open(path).convert(mode)
+    except (OSError, PIL.UnidentifiedImageError) as err:
+        raise ValueError(f"{flag} {path}: not an image file ({err}).") from None
 
 
 class SuperResolutionMode(ConditioningMode):
@@ -119,6 +64,34 @@ class SuperResolutionMode(ConditioningMode):
     kind = "concat"
     name = "super_resolution"
     inputs = ("image",)
+    title = "super-resolution"
+    conditioned_on = "a low-resolution image"
+    usage = "image = pipe(image=low_res_image).images[0]"
+    compvis_cond_stage_key = "LR_image"
+
+    def recognises(self, pipe):
+        return concat_channels(pipe) == pipe.vae.config.in_channels and not has_encoder(pipe)
+
+    def build_encoders(self, args, train_ds, vae):
+        return Encoders(concat_channels=vae.config.in_channels)
+
+    def add_generate_arguments(self, parser):
+        add_image_arguments(parser)
+
+    def generate_inputs(self, args):
+        if args.image is None or getattr(args, "mask_image", None) is not None:
+            return None
+        return {"image": open_image("--image", args.image, "RGB")}
+
+    def command_words(self, inputs, folder):
+        inputs["image"].save(Path(folder) / "image.png")
+        return ["--image", "image.png"]
+
+    def demo_inputs(self, gr, pipe):
+        image = gr.Image(type="pil", image_mode="RGB", sources=["upload", "clipboard"], format="png", height=256,
+                         label=f"Low-resolution image (the result is {pipe.vae_scale_factor}x larger)",
+                         elem_id="low-res")
+        return [image], widgets.super_resolution_inputs
 
     def is_selected(self, values):
         return values.get("image") is not None and values.get("mask_image") is None
@@ -129,7 +102,7 @@ class SuperResolutionMode(ConditioningMode):
     def check_inputs(self, pipe, values):
         """An RGB low-resolution image (or batch) of a valid type and range."""
         check_image_input("image", values["image"])
-        _check_rgb(values["image"])
+        check_rgb(values["image"])
 
     def output_size(self, pipe, values):
         h, w = image_tensor(values["image"]).shape[-2:]
@@ -159,6 +132,45 @@ class InpaintingMode(ConditioningMode):
     kind = "concat"
     name = "inpainting"
     inputs = ("mask_image", "image")
+    title = "inpainting"
+    conditioned_on = "an image and a mask of the region to fill"
+    usage = "image = pipe(image=image, mask_image=mask).images[0]"
+    compvis_cond_stage_key = "masked_image"
+
+    def recognises(self, pipe):
+        return concat_channels(pipe) == pipe.unet.config.out_channels + 1 and not has_encoder(pipe)
+
+    def build_encoders(self, args, train_ds, vae):
+        return Encoders(concat_channels=vae.latent_channels_for_diffusion + 1)
+
+    def add_generate_arguments(self, parser):
+        add_image_arguments(parser)
+        parser.add_argument("--mask_image", default=None, help="Inpainting mask (white = fill in), same size as --image.")
+
+    def generate_inputs(self, args):
+        if args.mask_image is None:
+            return None
+        if args.image is None:
+            raise ValueError("--mask_image needs --image (the image whose masked part is filled in).")
+        return {"image": open_image("--image", args.image, "RGB"),
+                "mask_image": open_image("--mask_image", args.mask_image, "L")}
+
+    def command_words(self, inputs, folder):
+        inputs["image"].save(Path(folder) / "image.png")
+        inputs["mask_image"].save(Path(folder) / "mask.png")
+        return ["--image", "image.png", "--mask_image", "mask.png"]
+
+    def demo_inputs(self, gr, pipe):
+        editor = gr.ImageEditor(
+            type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png", transforms=(), layers=False,
+            brush=gr.Brush(max(2, min(widgets.default_size(pipe)) // 8), colors=["#ff00ff"], color_mode="fixed"),
+            label=f"Upload an image (sides multiples of {pipe.vae_scale_factor}), then paint over the region to "
+                  "fill in", elem_id="inpaint-editor")
+        return [editor], widgets.inpainting_inputs
+
+    def finish_images(self, images, inputs):
+        """Outside the mask, the user's pixels (as CompVis' inpaint.py pastes them back)."""
+        return [widgets.paste_unmasked(image, inputs["image"], inputs["mask_image"]) for image in images]
 
     def is_selected(self, values):
         if values.get("mask_image") is not None and values.get("image") is None:
@@ -172,8 +184,8 @@ class InpaintingMode(ConditioningMode):
         """An RGB image whose sides are multiples of f, and a mask in [0, 1] of the same size: one, or one per image."""
         check_image_input("image", values["image"])
         check_image_input("mask_image", values["mask_image"], "mask")
-        image = _check_rgb(values["image"])
-        _check_divisible("image", tuple(image.shape[-2:]), pipe)
+        image = check_rgb(values["image"])
+        check_divisible("image", tuple(image.shape[-2:]), pipe)
         mask = mask_tensor(values["mask_image"])
         if mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"mask_image is {tuple(mask.shape[-2:])} but image is {tuple(image.shape[-2:])}; they must match.")
@@ -189,8 +201,6 @@ class InpaintingMode(ConditioningMode):
     def training_inputs(self, batch, columns, rngs=None):
         """The training image in [-1, 1] (as ``condition`` reads a user's image) and a random box / brush-stroke
         mask per example (the paper's inpainting masks), drawn from that example's generator."""
-        from ..data.masks import random_inpainting_mask
-
         if "pixel_values" not in batch:
             raise ValueError("Inpainting trains on pixels (each step encodes a freshly masked image); drop --cache_latents.")
         pixels = batch["pixel_values"]
@@ -200,8 +210,6 @@ class InpaintingMode(ConditioningMode):
         return {"image": pixels, "mask_image": masks.to(pixels.device, pixels.dtype)}
 
     def condition(self, pipe, values, latent_size):
-        from ..models.autoencoders import latent_scaling_factor
-
         image = image_tensor(values["image"])
         mask = mask_tensor(values["mask_image"])
         if mask.shape[-2:] != image.shape[-2:]:
@@ -227,6 +235,68 @@ class SegmentationMode(ConditioningMode):
     kind = "concat"
     name = "segmentation"
     inputs = ("segmentation_map",)
+    title = "semantic synthesis"
+    conditioned_on = "segmentation maps"
+    usage = "image = pipe(segmentation_map=label_map).images[0]"
+    default_dataset = "emoji-scenes"
+    compvis_cond_stage_key = "segmentation"
+
+    def recognises(self, pipe):
+        """A segmentation encoder, or channels that no other spatial mode of a pipeline without encoders takes
+        (the super-resolution and inpainting modes are asked first)."""
+        return getattr(pipe, "segmentation_encoder", None) is not None or (
+            concat_channels(pipe) > 0 and not has_encoder(pipe))
+
+    def add_training_arguments(self, group):
+        group.add_argument("--num_segmentation_classes", type=positive_int, default=None,
+                           help="Segmentation mode: classes of the maps, background included (default: from "
+                                "emoji-scenes).")
+        group.add_argument("--segmentation_column", default="segmentation", help="Segmentation mode: the map column.")
+
+    def build_encoders(self, args, train_ds, vae):
+        classes = args.num_segmentation_classes
+        if not classes and args.dataset_name == "emoji-scenes":
+            classes = len(scene_classes(args.resolution)) + 1
+        if not classes:
+            raise SystemExit("Pass --num_segmentation_classes (the classes of your semantic maps, background included).")
+        return Encoders(concat_channels=classes)
+
+    def add_generate_arguments(self, parser):
+        parser.add_argument("--segmentation_map", default=None,
+                            help="For a semantic-synthesis model: a label map of class ids, a single-channel PNG ('L', "
+                                 "'P' or 'I' mode) or a .npy integer array [H, W]; the image has its size.")
+
+    def generate_inputs(self, args):
+        """A label map of class ids from a .npy file (integers, no pickles) or a single-channel image."""
+        path = args.segmentation_map
+        if path is None:
+            return None
+        try:
+            label_map = np.load(path, allow_pickle=False) if path.endswith(".npy") else PIL.Image.open(path)
+        except (ValueError, OSError, PIL.UnidentifiedImageError) as err:
+            raise ValueError(f"--segmentation_map {path}: not a .npy array or an image ({err}).") from None
+        return {"segmentation_map": label_map}
+
+    def command_words(self, inputs, folder):
+        ids = np.asarray(inputs["segmentation_map"])
+        if ids.max() > 255:
+            raise ValueError(f"segmentation_map has class ids up to {ids.max()}; an 'L' PNG holds 0..255.")
+        PIL.Image.fromarray(ids.astype(np.uint8), mode="L").save(Path(folder) / "segmentation.png")
+        return ["--segmentation_map", "segmentation.png"]
+
+    def demo_inputs(self, gr, pipe):
+        size, n = widgets.default_size(pipe), self.num_classes(pipe)
+        colors = [widgets.hex_color(c) for c in widgets.class_colors(n)]
+        editor = gr.ImageEditor(
+            value={"background": widgets.blank_segmentation_map(size), "layers": [], "composite": None},
+            type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png", transforms=(), layers=False,
+            brush=gr.Brush(max(2, min(size) // 8), colors=colors, default_color=colors[min(1, n - 1)],
+                           color_mode="fixed"),
+            label="Segmentation map: paint classes in the legend's colours, or upload a label map of class ids",
+            elem_id="segmentation-editor")
+        legend = " ".join(f'<span style="color:{c}">&#9632;</span>&nbsp;class&nbsp;{i}' for i, c in enumerate(colors))
+        gr.HTML(f"<div>{legend}</div>", elem_id="segmentation-legend")
+        return [editor], lambda value: widgets.segmentation_inputs(value, n)
 
     @staticmethod
     def _ids(segmentation_map) -> torch.Tensor:
@@ -248,7 +318,7 @@ class SegmentationMode(ConditioningMode):
         """Integer class ids [H, W] / [B, H, W] in 0..(the UNet's concatenated channels - 1), sides multiples of f."""
         check_image_input("segmentation_map", values["segmentation_map"], "segmentation")
         ids = self._ids(values["segmentation_map"])
-        _check_divisible("segmentation_map", tuple(ids.shape[-2:]), pipe)
+        check_divisible("segmentation_map", tuple(ids.shape[-2:]), pipe)
         self._check_range(ids, pipe)
 
     @staticmethod

@@ -19,7 +19,9 @@ import logging
 
 import torch
 
-from .base import Conditioning, ConditioningMode, shown
+from ..utils.arguments import int_type, positive_int
+from . import widgets
+from .base import Conditioning, ConditioningMode, Encoders, shown
 
 MAX_LENGTH = 77
 logger = logging.getLogger(__name__)
@@ -103,6 +105,16 @@ class TextMode(ConditioningMode):
     name = "text"
     inputs = ("prompt", "negative_prompt")
     components = ("text_encoder", "tokenizer")
+    trains_null = True
+    title = "text-to-image"
+    conditioned_on = "text prompts"
+    pipeline_tag = "text-to-image"
+    usage = 'image = pipe("an emoji of a red apple", guidance_scale=3.0).images[0]'
+    noise_schedule = "text"
+    compvis_cond_stage_key = "caption"
+
+    def can_guide(self, pipe):
+        return True
 
     @staticmethod
     def _as_list(prompt) -> list[str]:
@@ -151,3 +163,82 @@ class TextMode(ConditioningMode):
 
     def dataset_columns(self, columns):
         return {columns.caption_column: "prompt"}
+
+    # -- training -----------------------------------------------------------------------------------
+    def add_training_arguments(self, group):
+        group.add_argument("--text_encoder", choices=["transformer", "frozen"], default="transformer",
+                           help="'transformer': a BERT-style transformer trained jointly (the paper); 'frozen': a "
+                                "pretrained transformers encoder (--text_encoder_name_or_path, default the offline MiniLM).")
+        group.add_argument("--text_encoder_name_or_path", default=None, help="Frozen text encoder folder (default MiniLM).")
+        group.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer (default: BERT WordPiece from MiniLM).")
+        group.add_argument("--text_encoder_layers", type=positive_int, default=4)
+        group.add_argument("--text_encoder_heads", type=positive_int, default=4)
+        group.add_argument("--max_prompt_length", type=int_type(3, 512), default=MAX_LENGTH,
+                           help="Tokens per prompt (CompVis: 77).")
+        group.add_argument("--caption_column", default="text", help="Text mode: the dataset's caption column.")
+        group.add_argument("--validation_prompts", nargs="+", default=None, help="Text mode; default: validation captions.")
+
+    def check_training_args(self, parser, args):
+        if args.text_encoder == "transformer" and args.context_dim % args.text_encoder_heads:
+            parser.error(f"--context_dim {args.context_dim} must be divisible by --text_encoder_heads "
+                         f"{args.text_encoder_heads}.")
+
+    def build_encoders(self, args, train_ds, vae):
+        parts = Encoders()
+        if args.text_encoder == "frozen":
+            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path)
+            parts.frozen["text_encoder"] = encoder
+        else:
+            tokenizer = bert_tokenizer(args.tokenizer_name_or_path)
+            encoder = build_text_transformer(vocab_size=len(tokenizer), context_dim=args.context_dim,
+                                             depth=args.text_encoder_layers, num_heads=args.text_encoder_heads,
+                                             max_length=args.max_prompt_length)
+            parts.trainable["text_encoder"] = encoder
+        tokenizer.model_max_length = args.max_prompt_length  # saved with the tokenizer: sampling pads the same
+        parts.frozen["tokenizer"] = tokenizer
+        parts.context_dim = encoder.config.hidden_size
+        return parts
+
+    def pretrained_encoders(self, pipe, args):
+        parts = super().pretrained_encoders(pipe, args)
+        if args.text_encoder == "frozen" and "text_encoder" in parts.trainable:
+            parts.frozen["text_encoder"] = parts.trainable.pop("text_encoder")
+        return parts
+
+    def frozen_context(self, frozen):
+        """A frozen text encoder's tokens of a batch's prompts (``fn(None)``: the empty prompt's [1, n, d])."""
+        if "text_encoder" not in frozen:
+            return None
+        tokenizer, encoder = frozen["tokenizer"], frozen["text_encoder"]
+        return lambda batch: encode_prompts(tokenizer, encoder, [""] if batch is None else batch["prompt"])
+
+    def validation_values(self, args):
+        return {"prompt": list(args.validation_prompts)} if args.validation_prompts else None
+
+    # -- generate and the demo ----------------------------------------------------------------------
+    def add_generate_arguments(self, parser):
+        parser.add_argument("prompt", nargs="*", help="Prompt(s) for a text-to-image model.")
+        parser.add_argument("--negative_prompt", default=None, help="Text-to-image: what to steer away from.")
+
+    def generate_inputs(self, args):
+        if not args.prompt:
+            if args.negative_prompt is not None:
+                raise ValueError("--negative_prompt needs prompts: it is the text-to-image model's unconditional input.")
+            return None
+        negative = None if args.negative_prompt is None else [args.negative_prompt] * len(args.prompt)
+        return {"prompt": args.prompt, "negative_prompt": negative}
+
+    def command_words(self, inputs, folder):
+        prompt = inputs["prompt"][0]
+        words = ["--negative_prompt", inputs["negative_prompt"][0]] if inputs.get("negative_prompt") else []
+        # after "--" (which the command puts last), argparse reads a prompt that starts with "-" as the prompt
+        return ([] if prompt.startswith("-") else [prompt]) + words + (["--", prompt] if prompt.startswith("-") else [])
+
+    def demo_inputs(self, gr, pipe):
+        prompt = gr.Textbox(label="Prompt", placeholder="an emoji of a red apple", elem_id="prompt")
+        negative = gr.Textbox(label="Negative prompt", placeholder="(optional) what to steer away from",
+                              elem_id="negative-prompt")
+        return [prompt, negative], widgets.text_inputs
+
+    def shown_inputs(self, inputs):
+        return {"prompt": inputs["prompt"][0], "negative_prompt": (inputs["negative_prompt"] or [""])[0]}

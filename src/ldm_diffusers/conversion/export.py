@@ -11,73 +11,29 @@ express raises ``NotImplementedError`` naming the component and the reason; a no
 
 from __future__ import annotations
 
-import inspect
 import os
 import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from diffusers import AutoencoderKL, DiffusionPipeline, VQModel
+from safetensors.torch import save_file
 
-from .compvis import ENCODERS, bert_embedder_config, bert_embedder_names, convert_class_embedder
+from ..models.autoencoders import is_vq_config, latent_scaling_factor, load_autoencoder
+from ..pipelines import LDMPipeline
+from .cond_stage_export import cond_stage
+from .config_checks import HEAD_KEYS, TRAINING_ONLY, check_config, plain
 from .first_stage import ATTENTION_NAMES, RESNET_NAMES, autoencoder_config, first_stage_key
 from .unet import RESBLOCK_NAMES, block_map, attention_heads, unet_config
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"
 LDM_TARGET = "ldm.models.diffusion.ddpm.LatentDiffusion"
-# Settings only training reads (no weight shape depends on them): not compared; CompVis' UNetModel takes ``dropout``.
-TRAINING_ONLY = {"dropout", "beta"}
-HEAD_KEYS = {"attention_head_dim", "num_attention_heads", "attention_head_counts"}  # checked per level instead
-# Why a config value has no CompVis counterpart, for the keys one is likely to meet.
-REASONS = {
-    "norm_num_groups": "every CompVis normalisation is a GroupNorm of 32 groups",
-    "use_linear_projection": "SpatialTransformer's proj_in / proj_out are 1x1 convolutions, not linear layers",
-    "addition_embed_type": "UNetModel adds no text / image / time-id embeddings to the timestep embedding",
-    "class_embed_type": "UNetModel adds no class embedding to the timestep embedding",
-    "encoder_hid_dim_type": "UNetModel cross-attends to the context as it is, without a projection",
-    "mid_block_add_attention": "every CompVis Encoder / Decoder has an AttnBlock in the middle unless attn_type none",
-    "scaling_factor": "a CompVis autoencoder config has no latent scale (the LatentDiffusion config holds it as "
-                      "scale_factor): export the pipeline, or register_to_config(scaling_factor=1.0) first",
-    "has_null_class": "CompVis' ClassEmbedder has no null class; the converter reads one only as class 1000 of "
-                      "n_classes 1001 (cin256-v2)",
-}
-
-
-def _plain(value):
-    """Config values as plain YAML data (tuples -> lists)."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _defaults(cls) -> dict:
-    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
-def _check_config(component: str, model, config: dict, cls, kwargs: dict, what: str, skip=frozenset()) -> None:
-    """Raise ``NotImplementedError`` unless every key of ``config`` (``model``'s, normalised) is what the converter
-    builds from the exported CompVis config: ``cls(**kwargs)``, defaults for the rest."""
-    wanted, own = {**_defaults(cls), **kwargs}, _defaults(type(model))
-    bad = []
-    for key, value in config.items():
-        want = wanted.get(key, own.get(key))  # a key the converter's class lacks: the model's default is fine
-        if not key.startswith("_") and key not in skip and _plain(value) != _plain(want):
-            bad.append(f"{key}={_plain(value)!r} where CompVis gives {_plain(want)!r}"
-                       + (f" ({REASONS[key]})" if key in REASONS else ""))
-    if bad:
-        raise NotImplementedError(f"{component} ({type(model).__name__}) cannot be written as a CompVis {what}: "
-                                  f"{'; '.join(bad)}.")
-
-
 # -- first stage ---------------------------------------------------------------------------------------------------
 def first_stage_params(vae, in_pipeline: bool) -> dict:
     """CompVis first-stage ``params`` (``embed_dim``, ``n_embed``, ``ddconfig``, ``lossconfig``) of an
     ``LDMAutoencoderKL`` / ``LDMVQModel``. ``in_pipeline``: its scaling factor goes to the LatentDiffusion config."""
-    from ..models.autoencoders import is_vq_config, latent_scaling_factor
-
     config = dict(vae.config)
     vq = is_vq_config(config)
     widths, resolution = list(config["block_out_channels"]), config["sample_size"]
@@ -99,7 +55,7 @@ def first_stage_params(vae, in_pipeline: bool) -> dict:
     params.update(ddconfig=dd, lossconfig={"target": "torch.nn.Identity"})
     config["scaling_factor"] = latent_scaling_factor(vae)
     _, kwargs = autoencoder_config(params)
-    _check_config("vae", vae, config, type(vae), kwargs, "Encoder / Decoder",
+    check_config("vae", vae, config, type(vae), kwargs, "Encoder / Decoder",
                   TRAINING_ONLY | ({"scaling_factor"} if in_pipeline else set()))
     return params
 
@@ -192,7 +148,7 @@ def unet_params(unet) -> dict:
         raise NotImplementedError(f"unet: block widths {widths} are not multiples of the first (CompVis: model_channels "
                                   "* channel_mult).")
     attention = ["Attn" in block for block in config["down_block_types"]]
-    p = {"image_size": _plain(config["sample_size"]), "in_channels": config["in_channels"],
+    p = {"image_size": plain(config["sample_size"]), "in_channels": config["in_channels"],
          "out_channels": config["out_channels"], "model_channels": widths[0],
          "attention_resolutions": [2**i for i, a in enumerate(attention) if a],  # downsampling factors
          "num_res_blocks": config["layers_per_block"], "channel_mult": [w // widths[0] for w in widths],
@@ -208,7 +164,7 @@ def unet_params(unet) -> dict:
     if config.get("dropout"):
         p["dropout"] = config["dropout"]
     cls, kwargs = unet_config(p)
-    _check_config("unet", unet, config, cls, kwargs, "UNetModel", TRAINING_ONLY | HEAD_KEYS)
+    check_config("unet", unet, config, cls, kwargs, "UNetModel", TRAINING_ONLY | HEAD_KEYS)
     return p
 
 
@@ -244,140 +200,6 @@ def unet_state(unet, p: dict) -> dict[str, torch.Tensor]:
         weight = grouped.reshape(3 * channels, *q.shape[1:])
         state[name] = weight[..., None] if weight.ndim == 2 else weight
     return state
-
-
-# -- conditioning stage --------------------------------------------------------------------------------------------
-def _bert_embedder(component: str, encoder, use_tokenizer: bool) -> tuple[dict, dict]:
-    """(BERTEmbedder params, weights under ``cond_stage_model.transformer.``) of an ``LDMBertModel``."""
-    c = encoder.config
-    params = {"n_embed": c.d_model, "n_layer": c.encoder_layers, "vocab_size": c.vocab_size,
-              "max_seq_len": c.max_position_embeddings, "use_tokenizer": use_tokenizer}
-    shapes = {"cond_stage_model.transformer.token_emb.weight": torch.empty(c.vocab_size, c.d_model, device="meta"),
-              "cond_stage_model.transformer.pos_emb.emb.weight": torch.empty(c.max_position_embeddings, c.d_model,
-                                                                             device="meta")}
-    wanted = bert_embedder_config(shapes, params)
-    arch = ("vocab_size", "max_position_embeddings", "d_model", "encoder_ffn_dim", "encoder_layers",
-            "encoder_attention_heads", "head_dim", "activation_function", "scale_embedding")
-    bad = [f"{key}={getattr(c, key)!r} where CompVis gives {getattr(wanted, key)!r}" for key in arch
-           if getattr(c, key) != getattr(wanted, key)]
-    if bad:
-        raise NotImplementedError(f"{component} (LDMBertModel) cannot be written as a CompVis BERTEmbedder (8 heads of "
-                                  f"64, feed-forward 4 x width, GELU): {'; '.join(bad)}.")
-    names = {ours: theirs for theirs, ours in bert_embedder_names(c.encoder_layers).items()}
-    return params, {f"cond_stage_model.transformer.{names[k]}": v for k, v in encoder.state_dict().items()}
-
-
-def _text_stage(pipe) -> tuple[dict, dict]:
-    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
-
-    from ..conditioning import bert_tokenizer
-    from ..conditioning.text import MAX_LENGTH
-
-    encoder = pipe.text_encoder
-    if not isinstance(encoder, LDMBertModel):
-        raise NotImplementedError(
-            f"text_encoder ({type(encoder).__name__}): CompVis' only text encoder is its BERTEmbedder (diffusers' "
-            f"LDMBertModel: pre-norm layers, q/k/v without bias, no token-type embeddings); {type(encoder).__name__} "
-            "is another architecture, as are transformers' BERT, MiniLM and CLIP text models.")
-    tokenizer = pipe.tokenizer
-    if tokenizer is None or tokenizer.get_vocab() != bert_tokenizer().get_vocab():
-        raise NotImplementedError(f"tokenizer ({type(tokenizer).__name__}): CompVis' BERTEmbedder tokenizes with "
-                                  "bert-base-uncased's WordPiece vocabulary; this tokenizer has another.")
-    positions = encoder.config.max_position_embeddings
-    if min(tokenizer.model_max_length, MAX_LENGTH) != positions:
-        raise NotImplementedError(f"tokenizer: prompts of {min(tokenizer.model_max_length, MAX_LENGTH)} tokens for a "
-                                  f"text encoder of {positions} positions: CompVis' BERTEmbedder has one max_seq_len "
-                                  "for both.")
-    params, state = _bert_embedder("text_encoder", encoder, use_tokenizer=True)
-    return {"target": ENCODERS + "BERTEmbedder", "params": params}, state
-
-
-def _class_stage(pipe) -> tuple[dict, dict]:
-    from ..conditioning import ClassEmbedder
-
-    embedder = pipe.class_embedder
-    if not isinstance(embedder, ClassEmbedder):
-        raise NotImplementedError(f"class_embedder ({type(embedder).__name__}): CompVis' ClassEmbedder is one "
-                                  "nn.Embedding table (ldm_diffusers.ClassEmbedder).")
-    weight = embedder.embedding.weight.detach()
-    params = {"embed_dim": weight.shape[1], "n_classes": weight.shape[0], "key": "class_label"}
-    state = {"cond_stage_model.embedding.weight": weight}
-    back = convert_class_embedder(state, params)
-    _check_config("class_embedder", embedder, dict(embedder.config), ClassEmbedder, dict(back.config), "ClassEmbedder")
-    return {"target": ENCODERS + "ClassEmbedder", "params": params}, state
-
-
-def _layout_stage(pipe) -> tuple[dict, dict]:
-    from ..conditioning import LayoutBERTEncoder
-
-    encoder = pipe.layout_encoder
-    if not isinstance(encoder, LayoutBERTEncoder):
-        raise NotImplementedError(
-            f"layout_encoder ({type(encoder).__name__}): CompVis' layout model reads taming's bounding-box tokens "
-            "with a BERTEmbedder (ldm_diffusers.LayoutBERTEncoder); this encoder (class and box embeddings into a "
-            "torch transformer) has no CompVis counterpart.")
-    c = encoder.config
-    _check_config("layout_encoder", encoder, dict(c), LayoutBERTEncoder,
-                  {"vocab_size": c.vocab_size, "max_objects": c.max_objects, "d_model": c.d_model,
-                   "num_layers": c.num_layers}, "BERTEmbedder (taming's builder's class count is not in its config)")
-    params, state = _bert_embedder("layout_encoder", encoder.transformer, use_tokenizer=False)
-    return {"target": ENCODERS + "BERTEmbedder", "params": params}, state
-
-
-def _cond_stage(pipe, vae_state: dict) -> tuple[dict, dict, dict]:
-    """(LatentDiffusion params for tau_theta, cond_stage_config, weights under ``cond_stage_model.``), by the
-    pipeline's encoders: text, class and layout -> crossattn; segmentation, super-resolution, inpainting -> concat."""
-    from ..models.autoencoders import is_vq_config, latent_scaling_factor
-    from ..models.unet import unet_cross_attends
-
-    encoders = [name for name in ("text_encoder", "class_embedder", "layout_encoder", "segmentation_encoder")
-                if getattr(pipe, name, None) is not None]
-    if len(encoders) > 1:
-        raise NotImplementedError(f"{' and '.join(encoders)}: a CompVis LatentDiffusion has one conditioning stage.")
-    unet = pipe.unet.config
-    cross, concat = unet_cross_attends(unet), unet["in_channels"] - unet["out_channels"]
-    crossattn = {"text_encoder": ("caption", _text_stage), "class_embedder": ("class_label", _class_stage),
-                 "layout_encoder": ("coordinates_bbox", _layout_stage)}
-    if encoders and encoders[0] in crossattn:
-        if not cross or concat:
-            raise NotImplementedError(f"unet: a {encoders[0]} pipeline whose UNet "
-                                      + ("concatenates channels too" if cross else "does not cross-attend")
-                                      + ": CompVis' crossattn conditioning feeds the context to SpatialTransformers only.")
-        key, stage = crossattn[encoders[0]]
-        config, state = stage(pipe)
-        return {"cond_stage_key": key, "cond_stage_trainable": True, "conditioning_key": "crossattn"}, config, state
-    if cross:
-        raise NotImplementedError("unet: it cross-attends, but the pipeline has no encoder to give it a context.")
-    if encoders:  # segmentation_encoder: CompVis' SpatialRescaler, the same module
-        from ..conditioning import SpatialRescaler
-
-        rescaler = pipe.segmentation_encoder
-        if not isinstance(rescaler, SpatialRescaler):
-            raise NotImplementedError(f"segmentation_encoder ({type(rescaler).__name__}): CompVis' is a SpatialRescaler.")
-        params = {k: v for k, v in rescaler.config.items() if not k.startswith("_")}
-        state = {f"cond_stage_model.{k}": v for k, v in rescaler.state_dict().items()}
-        return ({"cond_stage_key": "segmentation", "cond_stage_trainable": True, "conditioning_key": "concat"},
-                {"target": ENCODERS + "SpatialRescaler", "params": params}, state)
-    if concat == 0:
-        return {"cond_stage_key": "image", "cond_stage_trainable": False}, "__is_unconditional__", {}
-    image, masked = concat == pipe.vae.config["in_channels"], concat == unet["out_channels"] + 1
-    if image == masked:
-        raise NotImplementedError(f"unet: {concat} concatenated channels are "
-                                  + ("both a low-resolution image and a masked image's latents + mask" if image else
-                                     "neither a low-resolution image (super-resolution) nor latents + mask (inpainting)")
-                                  + ", the concat models CompVis has without an encoder.")
-    if image:  # super-resolution: the low-resolution image itself
-        return ({"cond_stage_key": "LR_image", "cond_stage_trainable": False, "conditioning_key": "concat"},
-                {"target": "torch.nn.Identity"}, {})
-    if not is_vq_config(pipe.vae.config) or latent_scaling_factor(pipe.vae) != 1.0:
-        raise NotImplementedError(
-            "inpainting with " + (f"a latent scale of {latent_scaling_factor(pipe.vae):g}: CompVis concatenates the "
-                                  "first stage's encoding of the masked image unscaled" if is_vq_config(pipe.vae.config)
-                                  else "a KL first stage: CompVis' inpainting (scripts/inpaint.py) concatenates "
-                                  "cond_stage_model.encode(masked image), a tensor only for a VQ first stage") + ".")
-    state = {f"cond_stage_model.{k}": v for k, v in vae_state.items()}  # __is_first_stage__: the first stage again
-    return ({"cond_stage_key": "masked_image", "cond_stage_trainable": False, "conditioning_key": "concat"},
-            "__is_first_stage__", state)
 
 
 # -- schedule ------------------------------------------------------------------------------------------------------
@@ -421,8 +243,6 @@ def schedule_buffers(linear_start: float, linear_end: float, timesteps: int) -> 
 
 # -- whole models --------------------------------------------------------------------------------------------------
 def _first_stage_target(vae, in_pipeline: bool) -> str:
-    from ..models.autoencoders import is_vq_config
-
     if not is_vq_config(vae.config):
         return "ldm.models.autoencoder.AutoencoderKL"
     return "ldm.models.autoencoder.VQModelInterface" if in_pipeline else "ldm.models.autoencoder.VQModel"
@@ -431,11 +251,9 @@ def _first_stage_target(vae, in_pipeline: bool) -> str:
 def compvis_latent_diffusion(pipe) -> tuple[dict, dict[str, torch.Tensor]]:
     """(CompVis config, state dict) of an ``LDMPipeline``: eps_theta's training weights (no EMA copy, ``use_ema:
     false``), the first stage, tau_theta and the schedule."""
-    from ..models.autoencoders import latent_scaling_factor
-
     first_stage = first_stage_params(pipe.vae, in_pipeline=True)
     vae_state = first_stage_state(pipe.vae)
-    cond, cond_config, cond_state = _cond_stage(pipe, vae_state)
+    cond, cond_config, cond_state = cond_stage(pipe, vae_state)
     p = unet_params(pipe.unet)
     schedule = schedule_params(pipe.scheduler)
     params = {**schedule, "first_stage_key": "image", **cond, "image_size": p["image_size"],
@@ -461,12 +279,8 @@ def _load(model_or_folder):
         return model_or_folder
     folder = Path(model_or_folder)
     if (folder / "model_index.json").is_file():
-        from ..pipelines import LDMPipeline
-
         return LDMPipeline.from_pretrained(folder)
     if (folder / "config.json").is_file():
-        from ..models.autoencoders import load_autoencoder
-
         return load_autoencoder(folder)
     raise FileNotFoundError(f"'{folder}' is neither a pipeline folder (model_index.json) nor an autoencoder folder "
                             "(config.json)." if folder.is_dir() else f"No folder at '{folder}'.")
@@ -485,8 +299,6 @@ def _write_atomically(path: Path, write) -> None:
 
 
 def _save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors, seen = {}, set()
     for key, value in state.items():  # safetensors refuses tensors that share memory (inpainting's two first stages)
         value = value.contiguous()
@@ -503,9 +315,6 @@ def export_compvis_checkpoint(model_or_folder, checkpoint_path: str | os.PathLik
     ``{"state_dict": ..., "global_step": 0}`` (``torch.save``; plain tensors and containers), or the bare state dict
     for a ``.safetensors`` path. Both files are written aside, then renamed into place, once everything is mapped.
     Returns (checkpoint path, config path)."""
-    import yaml
-    from diffusers import AutoencoderKL, DiffusionPipeline, VQModel
-
     model = _load(model_or_folder)
     if isinstance(model, DiffusionPipeline):
         config, state = compvis_latent_diffusion(model)
@@ -521,6 +330,7 @@ def export_compvis_checkpoint(model_or_folder, checkpoint_path: str | os.PathLik
         _write_atomically(checkpoint_path, lambda tmp: _save_safetensors(state, tmp))
     else:  # global_step: CompVis' scripts/sample_diffusion.py reads it
         _write_atomically(checkpoint_path, lambda tmp: torch.save({"state_dict": state, "global_step": 0}, tmp))
-    text = yaml.safe_dump(_plain(config), sort_keys=False)
+    text = yaml.safe_dump(plain(config), sort_keys=False)
     _write_atomically(config_path, lambda tmp: tmp.write_text(text))
     return checkpoint_path, config_path
+

@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 try:
@@ -20,7 +19,6 @@ except ImportError as err:  # an optional extra
         from err
 
 from ..schedulers import SAMPLERS
-from . import inputs as ui
 from .generation import (
     Settings,
     caption,
@@ -40,72 +38,20 @@ def load_pipeline(model: str, device: str = "cpu"):
     return LDMPipeline.from_pretrained(model).to(device)
 
 
-def _mode_inputs(pipe, mode: str) -> tuple[list, Callable[..., dict]]:
-    """(the mode's input components, a function of their values -> pipeline inputs); built inside a Blocks."""
-    size = ui.default_size(pipe)
-    brush_size = max(2, min(size) // 8)  # in image pixels, for images of about the model's size
-    if mode == "text":
-        prompt = gr.Textbox(label="Prompt", placeholder="an emoji of a red apple", elem_id="prompt")
-        negative = gr.Textbox(label="Negative prompt", placeholder="(optional) what to steer away from",
-                              elem_id="negative-prompt")
-        return [prompt, negative], ui.text_inputs
-    if mode == "class":
-        choices = ui.class_choices(pipe, mode)
-        return [gr.Dropdown(choices, value=choices[0][1], label="Class", elem_id="class")], ui.class_inputs
-    if mode == "super_resolution":
-        image = gr.Image(type="pil", image_mode="RGB", sources=["upload", "clipboard"], format="png", height=256,
-                         label=f"Low-resolution image (the result is {pipe.vae_scale_factor}x larger)",
-                         elem_id="low-res")
-        return [image], ui.super_resolution_inputs
-    if mode == "inpainting":
-        editor = gr.ImageEditor(
-            type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png", transforms=(), layers=False,
-            brush=gr.Brush(brush_size, colors=["#ff00ff"], color_mode="fixed"),
-            label=f"Upload an image (sides multiples of {pipe.vae_scale_factor}), then paint over the region to "
-                  "fill in",
-            elem_id="inpaint-editor")
-        return [editor], ui.inpainting_inputs
-    if mode == "segmentation":
-        n = ui.num_classes(pipe, mode)
-        colors = [ui.hex_color(c) for c in ui.class_colors(n)]
-        editor = gr.ImageEditor(
-            value={"background": ui.blank_segmentation_map(size), "layers": [], "composite": None},
-            type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png", transforms=(), layers=False,
-            brush=gr.Brush(brush_size, colors=colors, default_color=colors[min(1, n - 1)], color_mode="fixed"),
-            label="Segmentation map: paint classes in the legend's colours, or upload a label map of class ids",
-            elem_id="segmentation-editor")
-        legend = " ".join(f'<span style="color:{c}">&#9632;</span>&nbsp;class&nbsp;{i}' for i, c in enumerate(colors))
-        gr.HTML(f"<div>{legend}</div>", elem_id="segmentation-legend")
-        return [editor], lambda value: ui.segmentation_inputs(value, n)
-    if mode == "layout":
-        n = ui.num_classes(pipe, mode)
-        free = min(pipe.layout_encoder.config.max_objects, 8) - 1  # empty rows to fill in
-        rows = [[0, 0.1, 0.1, 0.6, 0.7]] + [[None] * 5 for _ in range(free)]
-        table = gr.Dataframe(value=rows, headers=ui.LAYOUT_COLUMNS, datatype="number", type="array", column_count=5,
-                             label=f"Layout: one box per row, class 0..{n - 1}, corners in [0, 1] (x right, y down)",
-                             elem_id="layout-table")
-        scale = max(1, 256 // size[1])
-        preview = gr.Image(ui.layout_preview(rows, size, n, scale), label="Layout preview", interactive=False,
-                           format="png", elem_id="layout-preview")
-        table.change(lambda value: ui.layout_preview(value, size, n, scale), table, preview, queue=False)
-        return [table], ui.layout_inputs
-    return [], dict
-
-
 def build_demo(pipe, model: str) -> gr.Blocks:
     """The app for ``pipe`` (loaded from ``model``, which the reproduce command names), queued one request at a
     time. ``demo.launch()`` serves it."""
-    mode = ui.pipeline_mode(pipe)
-    guided = ui.has_guidance(pipe, mode)
+    mode = pipe.mode
+    guided = mode.can_guide(pipe)
     scheduler = pipe.scheduler  # the model's own; every request switches from it
     device = str(pipe.device)
     files = Path(tempfile.mkdtemp(prefix="ldm-demo-"))  # each request's input files (small), which the page serves
 
     with gr.Blocks(title=f"ldm-diffusers: {model}", analytics_enabled=False) as demo:
-        gr.Markdown(f"## ldm-diffusers · {ui.MODES[mode]} · `{model}`")
+        gr.Markdown(f"## ldm-diffusers · {mode.title} · `{model}`")
         with gr.Row():
             with gr.Column():
-                components, to_inputs = _mode_inputs(pipe, mode)
+                components, to_inputs = mode.demo_inputs(gr, pipe)
                 sampler = gr.Dropdown(sorted(SAMPLERS) + ["model"], value="dpm++", label="Sampler",
                                       info="'model': the scheduler saved with the model", elem_id="sampler")
                 steps = gr.Slider(1, 250, value=10, step=1, label="Steps", elem_id="steps")
@@ -127,7 +73,7 @@ def build_demo(pipe, model: str) -> gr.Blocks:
                                      lines=2, max_lines=6, interactive=False, buttons=["copy"], elem_id="command")
                 shown = gr.JSON(label="Generation parameters", elem_id="parameters")
                 input_files = gr.File(label="Input files the command reads", file_count="multiple",
-                                      visible=mode in ("super_resolution", "inpainting", "segmentation", "layout"),
+                                      visible=False,
                                       elem_id="input-files")
 
         def generate(sampler_name, n_steps, scale, seed_value, random, n_images, use_fast, *values,
@@ -142,13 +88,13 @@ def build_demo(pipe, model: str) -> gr.Blocks:
                              lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
                 folder = files / uuid.uuid4().hex
                 folder.mkdir()
-                written = write_inputs(inputs, folder)
+                words, written = write_inputs(mode, inputs, folder)
             except (ValueError, FloatingPointError) as err:
                 raise gr.Error(str(err)) from None
             return ([(image, caption(settings, i)) for i, image in enumerate(images)],
-                    generate_command(model, inputs, settings, device),
-                    parameters(model, mode, inputs, settings, images), [str(path) for path in written] or None,
-                    settings.seed)
+                    generate_command(model, words, settings, device),
+                    parameters(model, mode, inputs, settings, images),
+                    gr.File([str(path) for path in written] or None, visible=bool(written)), settings.seed)
 
         button.click(generate, [sampler, steps, guidance, seed, random_seed, num_images, fast, *components],
                      [gallery, command, shown, input_files, seed], concurrency_limit=1, show_progress_on=gallery)

@@ -9,21 +9,15 @@ result, which the command does not (inside the mask both are the same).
 
 from __future__ import annotations
 
-import json
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .inputs import paste_unmasked
+from ..schedulers import switch_sampler
 
-# the files the command reads, per pipeline input
-INPUT_FILES = {"image": "image.png", "mask_image": "mask.png", "segmentation_map": "segmentation.png",
-               "layout": "layout.json"}
 OUTPUT_FILE = "samples.png"
 
 
@@ -41,11 +35,9 @@ class Settings:
 
 
 def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[int, int], None] | None = None):
-    """PIL images of ``pipe`` for the pipeline ``inputs`` (as the ``*_inputs`` functions of
-    :mod:`ldm_diffusers.demo.inputs` give them). ``scheduler``: the model's own, which ``settings.sampler``
-    switches from; ``on_step(done, total)`` is called after every denoising step."""
-    from ..schedulers import switch_sampler
-
+    """PIL images of ``pipe`` for the pipeline ``inputs`` (as the mode's demo widgets give them), with the mode's
+    last touch (inpainting pastes the unmasked pixels back). ``scheduler``: the model's own, which
+    ``settings.sampler`` switches from; ``on_step(done, total)`` is called after every denoising step."""
     pipe.scheduler = scheduler if settings.sampler == "model" else switch_sampler(scheduler, settings.sampler)
     if settings.fast and pipe.fast_sampling is None:
         pipe.enable_fast_sampling()
@@ -60,57 +52,27 @@ def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[in
                   guidance_scale=settings.guidance_scale, eta=0.0,
                   generator=torch.Generator("cpu").manual_seed(settings.seed),
                   callback_on_step_end=step_done if on_step else None).images
-    if "mask_image" in inputs:
-        images = [paste_unmasked(image, inputs["image"], inputs["mask_image"]) for image in images]
-    return images
+    return pipe.select_mode(inputs).finish_images(images, inputs)
 
 
-def write_inputs(inputs: dict, folder: str | Path) -> list[Path]:
-    """The image, mask, segmentation map (an 'L' PNG of class ids) and layout (JSON) in ``inputs`` as the files
-    the command names (``INPUT_FILES``) in ``folder``; returns their paths."""
+def write_inputs(mode, inputs: dict, folder: str | Path) -> tuple[list[str], list[Path]]:
+    """(the ``generate`` flags of the mode that give ``inputs`` again, the input files they name), the files
+    written into ``folder``."""
     folder = Path(folder)
-    written = []
-    for key, name in INPUT_FILES.items():
-        value = inputs.get(key)
-        if value is None:
-            continue
-        path = folder / name
-        if key == "layout":
-            path.write_text(json.dumps(value))
-        elif key == "segmentation_map":
-            ids = np.asarray(value)
-            if ids.max() > 255:
-                raise ValueError(f"segmentation_map has class ids up to {ids.max()}; an 'L' PNG holds 0..255.")
-            Image.fromarray(ids.astype(np.uint8), mode="L").save(path)
-        else:
-            value.save(path)
-        written.append(path)
-    return written
+    before = set(folder.iterdir())
+    words = mode.command_words(inputs, folder) if inputs else []
+    return words, sorted(set(folder.iterdir()) - before)
 
 
-def generate_command(model: str, inputs: dict, settings: Settings, device: str) -> str:
-    """The ``ldm-diffusers generate`` line that samples the same images, run where ``write_inputs`` put the
-    input files (one image, or a grid of ``num_images``, in ``OUTPUT_FILE``)."""
-    words = ["ldm-diffusers", "generate"]
-    prompt = inputs.get("prompt")
-    if prompt and not prompt[0].startswith("-"):
-        words.append(prompt[0])
-    words += ["--model", model]
-    if inputs.get("negative_prompt"):
-        words += ["--negative_prompt", inputs["negative_prompt"][0]]
-    if inputs.get("class_labels") is not None:
-        words += ["--class_labels", *(str(c) for c in inputs["class_labels"])]
-    for key, name in INPUT_FILES.items():
-        if inputs.get(key) is not None:
-            words += [f"--{key}", name]
-    words += ["--scheduler", settings.sampler, "--steps", str(settings.steps), "--guidance_scale",
-              repr(float(settings.guidance_scale)), "--seed", str(settings.seed), "--batch", str(settings.num_images),
-              "--device", device, "--out", OUTPUT_FILE]
-    if settings.fast:
-        words.append("--fast")
-    if prompt and prompt[0].startswith("-"):  # after "--", argparse reads it as the prompt, not a flag
-        words += ["--", prompt[0]]
-    return shlex.join(words)
+def generate_command(model: str, words: list[str], settings: Settings, device: str) -> str:
+    """The ``ldm-diffusers generate`` line that samples the same images from the mode's ``words`` (as
+    ``write_inputs`` gives them; what follows a "--" among them goes last), run where the input files are (one
+    image, or a grid of ``num_images``, in ``OUTPUT_FILE``)."""
+    cut = words.index("--") if "--" in words else len(words)
+    line = ["ldm-diffusers", "generate", *words[:cut], "--model", model, "--scheduler", settings.sampler,
+            "--steps", str(settings.steps), "--guidance_scale", repr(float(settings.guidance_scale)), "--seed",
+            str(settings.seed), "--batch", str(settings.num_images), "--device", device, "--out", OUTPUT_FILE]
+    return shlex.join(line + (["--fast"] if settings.fast else []) + words[cut:])
 
 
 def caption(settings: Settings, index: int) -> str:
@@ -119,14 +81,8 @@ def caption(settings: Settings, index: int) -> str:
             f"{settings.steps} steps · guidance {settings.guidance_scale:g}")
 
 
-def parameters(model: str, mode: str, inputs: dict, settings: Settings, images) -> dict:
-    """What the page shows beside a request's images: the model and mode, the settings, the prompt, class or
-    layout (the image inputs are the files the command reads) and the images' size."""
-    shown = {"model": model, "mode": mode, **vars(settings)}
-    if "prompt" in inputs:
-        shown.update(prompt=inputs["prompt"][0], negative_prompt=(inputs["negative_prompt"] or [""])[0])
-    if "class_labels" in inputs:
-        shown["class_labels"] = inputs["class_labels"]
-    if "layout" in inputs:
-        shown["layout"] = json.dumps(inputs["layout"])
+def parameters(model: str, mode, inputs: dict, settings: Settings, images) -> dict:
+    """What the page shows beside a request's images: the model and mode, the settings, the mode's text-like
+    inputs (the image inputs are the files the command reads) and the images' size."""
+    shown = {"model": model, "mode": mode.name, **vars(settings), **(mode.shown_inputs(inputs) if inputs else {})}
     return {**shown, "size": f"{images[0].width}x{images[0].height}"}

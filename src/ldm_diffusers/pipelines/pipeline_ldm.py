@@ -9,7 +9,7 @@ The algorithm, as the paper gives it:
    eps = eps(null) + s * (eps(y) - eps(null)) computed as one batch [null, y]; z_{t-1} = step(eps);
 4. decode once: x = D(z_0 / scaling_factor).
 
-The conditioning modes live in ``ldm_diffusers.conditioning`` (``MODES``); this file only asks them.
+The conditioning modes live in ``ldm_diffusers.conditioning`` (its registry); this file only asks them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..conditioning import MODES, Conditioning, ConditioningMode
+from ..conditioning import UNCONDITIONAL, Conditioning, ConditioningMode, input_names, mode_named, mode_of, modes
 from ..conditioning.base import is_int, is_real, shown
 from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
@@ -91,7 +91,7 @@ class LDMPipeline(DiffusionPipeline):
 
     def __init__(
         self, vae, unet, scheduler, text_encoder=None, tokenizer=None, class_embedder=None, layout_encoder=None,
-        segmentation_encoder=None,
+        segmentation_encoder=None, conditioning_mode: str | None = None,
     ):
         super().__init__()
         self.fast_sampling = None  # see enable_fast_sampling
@@ -99,6 +99,10 @@ class LDMPipeline(DiffusionPipeline):
             vae=vae, unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
             class_embedder=class_embedder, layout_encoder=layout_encoder, segmentation_encoder=segmentation_encoder,
         )
+        if conditioning_mode is not None:
+            mode_named(conditioning_mode)  # a registered mode, or a ValueError listing them
+        # saved in model_index.json; None: recognised from the components (converted checkpoints, older folders)
+        self.register_to_config(conditioning_mode=conditioning_mode)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -258,27 +262,32 @@ class LDMPipeline(DiffusionPipeline):
         self.vae.disable_tiling()
 
     # -- the conditioning switch ---------------------------------------------------------------
-    def select_mode(self, values: dict) -> ConditioningMode | None:
-        """The conditioning mode the call's inputs ask for (None: unconditional), checked against the
-        pipeline's components and the UNet."""
-        chosen = [mode for mode in MODES if mode.is_selected(values)]
+    @property
+    def mode(self) -> ConditioningMode:
+        """The conditioning mode this pipeline was trained for (the one its config names, else recognised)."""
+        return mode_of(self)
+
+    def select_mode(self, values: dict) -> ConditioningMode:
+        """The conditioning mode the call's inputs ask for (the unconditional mode when none), checked against
+        the pipeline's components and the UNet."""
+        chosen = [mode for mode in modes() if mode.is_selected(values)]
         if len(chosen) > 1:
             raise ValueError(f"Pass one conditioning input, got {' and '.join(m.inputs[0] for m in chosen)}.")
-        mode = chosen[0] if chosen else None
-        if mode is None:
+        mode = chosen[0] if chosen else UNCONDITIONAL
+        if mode is UNCONDITIONAL:
             cross = unet_cross_attends(self.unet.config)
             concat = self.unet.config.in_channels != self.unet.config.out_channels
             if cross or concat:
                 available = [
-                    m.inputs[0] for m in MODES
-                    if all(getattr(self, c, None) is not None for c in m.components)
+                    m.inputs[0] for m in modes()
+                    if m.inputs and all(getattr(self, c, None) is not None for c in m.components)
                     and ((m.kind == "context" and cross) or (m.kind == "concat" and concat))
                 ]
                 raise ValueError(f"This model is conditional: pass {' or '.join(available) or 'a condition'}.")
-            return None
+            return mode
         missing = [c for c in mode.components if getattr(self, c, None) is None]
         if missing:
-            raise ValueError(f"`{mode.inputs[0]}` needs the pipeline component(s) {missing}, which this pipeline lacks.")
+            raise ValueError(f"{mode.input_name} needs the pipeline component(s) {missing}, which this pipeline lacks.")
         return mode
 
     def _check_conditioning(self, mode, cond: Conditioning) -> None:
@@ -286,11 +295,11 @@ class LDMPipeline(DiffusionPipeline):
         expected = self.unet.config.in_channels - self.unet.config.out_channels
         if concat != expected:
             raise ValueError(
-                f"`{mode.inputs[0]}` gives {concat} channels to concatenate to z_t, but this UNet takes {expected}."
+                f"{mode.input_name} gives {concat} channels to concatenate to z_t, but this UNet takes {expected}."
             )
         if (cond.context is not None) != unet_cross_attends(self.unet.config):
             raise ValueError(
-                f"`{mode.inputs[0]}` {'gives' if cond.context is not None else 'gives no'} cross-attention tokens, "
+                f"{mode.input_name} {'gives' if cond.context is not None else 'gives no'} cross-attention tokens, "
                 f"but this UNet {'has no' if cond.context is not None else 'needs'} cross-attention."
             )
 
@@ -377,7 +386,7 @@ class LDMPipeline(DiffusionPipeline):
                 if tensor is not None and not torch.isfinite(tensor).all():
                     bad = "NaN" if torch.isnan(tensor).any() else "inf"
                     raise ValueError(
-                        f"{which}the encoded `{mode.inputs[0]}` ({part}) contains {bad}: check the input's values and "
+                        f"{which}the encoded {mode.input_name} ({part}) contains {bad}: check the input's values and "
                         f"the weights of {', '.join(mode.components) or 'the autoencoder'}; sampling was not started."
                     )
 
@@ -445,41 +454,40 @@ class LDMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **mode_inputs,
     ):
         """Generate images. The inputs choose the mode: nothing (unconditional; ``batch_size`` images),
         ``prompt`` (+ ``negative_prompt``), ``class_labels``, ``layout`` (list of (class, (x0, y0, x1, y1))),
-        ``image`` (super-resolution), ``image`` + ``mask_image`` (inpainting) or ``segmentation_map``.
-        ``guidance_scale`` > 1 turns on classifier-free guidance; ``output_type``: pil, np, pt or latent."""
+        ``image`` (super-resolution), ``image`` + ``mask_image`` (inpainting), ``segmentation_map``, or the inputs of
+        a mode registered with ``ldm_diffusers.register_mode`` (``mode_inputs``). ``guidance_scale`` > 1 turns on
+        classifier-free guidance; ``output_type``: pil, np, pt or latent."""
+        unknown = sorted(set(mode_inputs) - set(input_names()))
+        if unknown:
+            raise TypeError(f"LDMPipeline.__call__() got unexpected keyword argument(s) {unknown}; the conditioning "
+                            f"modes read {', '.join(input_names())}.")
         values = {
             "prompt": prompt, "negative_prompt": negative_prompt, "class_labels": class_labels, "layout": layout,
-            "image": image, "mask_image": mask_image, "segmentation_map": segmentation_map,
+            "image": image, "mask_image": mask_image, "segmentation_map": segmentation_map, **mode_inputs,
         }
         self.check_inputs(values, height, width, num_inference_steps, guidance_scale, eta, generator, latents,
                           num_images_per_prompt, batch_size, output_type, callback_on_step_end,
                           callback_on_step_end_tensor_inputs)
         mode = self.select_mode(values)
-        if mode is not None:
-            mode.check_inputs(self, values)
+        mode.check_inputs(self, values)
         f = self.vae_scale_factor
         if latents is not None and latents.ndim == 4 and height is None and width is None:
             height, width = latents.shape[-2] * f, latents.shape[-1] * f  # the size of the given starting noise
-        height, width = self._check_size(height, width, mode.output_size(self, values) if mode else None)
-        if mode is None:
-            # unconditional: as many images as starting latents were given (unless batch_size says otherwise)
-            n = latents.shape[0] // num_images_per_prompt if latents is not None and batch_size == 1 else batch_size
-            cond, null = Conditioning(), None
-        else:
-            cond, null = mode.encode(self, values, (height // f, width // f))
-            self._check_conditioning(mode, cond)
-            self._check_finite_conditioning(mode, cond, null if guidance_scale > 1.0 else None)
-            n = mode.batch_size(values)
+        height, width = self._check_size(height, width, mode.output_size(self, values))
+        # unconditional: as many images as starting latents were given (unless batch_size says otherwise)
+        values["batch_size"] = latents.shape[0] // num_images_per_prompt if latents is not None and batch_size == 1 else batch_size
+        cond, null = mode.encode(self, values, (height // f, width // f))
+        self._check_conditioning(mode, cond)
+        self._check_finite_conditioning(mode, cond, null if guidance_scale > 1.0 else None)
+        n = mode.batch_size(values)
         guided = guidance_scale > 1.0
         if guided and null is None:
-            raise ValueError(
-                f"guidance_scale={guidance_scale} needs an unconditional input, which "
-                f"{'unconditional sampling' if mode is None else '`' + mode.inputs[0] + '`'} does not have; "
-                "use guidance_scale=1."
-            )
+            raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional input, which {mode.input_name} "
+                             "does not have; use guidance_scale=1.")
         total = n * num_images_per_prompt
         self._check_batch(total, generator)
         cond = cond.repeat_interleave(num_images_per_prompt)

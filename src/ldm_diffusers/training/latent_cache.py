@@ -282,18 +282,14 @@ class _SeededRows(torch.utils.data.Dataset):
             random.setstate(state)
 
 
-def _encode_rows(loader, vae, mode, columns, text_encoding, progress) -> tuple[dict[str, list], dict[str, list]]:
-    from ..conditioning.text import encode_prompts
-
+def _encode_rows(loader, vae, mode, columns, context, progress) -> tuple[dict[str, list], dict[str, list]]:
     arrays: dict[str, list[np.ndarray]] = {}
     lists: dict[str, list] = {}
     for batch in loader:
         found = encode_latent_moments(vae, batch["pixel_values"])
-        if mode is not None:
-            found.update(mode.cache_inputs(batch, columns))
-        if text_encoding is not None:
-            tokenizer, encoder = text_encoding
-            found["context"] = encode_prompts(tokenizer, encoder, batch["prompt"]).half()
+        found.update(mode.cache_inputs(batch, columns))
+        if context is not None:
+            found["context"] = context(batch).half()
         for name, value in found.items():
             arrays.setdefault(name, []).append(value.cpu().numpy())
         for name, value in batch.items():
@@ -380,7 +376,7 @@ def build_latent_cache(
     columns,
     cache_dir: str | Path,
     settings: dict,
-    text_encoding: tuple | None = None,
+    context: Callable | None = None,
     batch_size: int = 32,
     show_progress: bool = True,
     *,
@@ -394,7 +390,7 @@ def build_latent_cache(
     """Encode ``dataset`` (a map-style dataset of rows with ``pixel_values``, ``index`` and the mode's inputs)
     once and return the cache as a :class:`LatentCacheDataset`; reuse it when ``settings`` match.
 
-    ``text_encoding``: (tokenizer, frozen text encoder) whose tokens are cached as ``context``.
+    ``context``: ``fn(batch) -> tokens`` of a frozen encoder (the mode's ``frozen_context``), cached as ``context``.
 
     Several processes build one cache together: call this on every process with its ``rank``, the
     ``world_size`` and a ``barrier`` that waits for all of them (``accelerator.wait_for_everyone``), not inside
@@ -403,7 +399,7 @@ def build_latent_cache(
     With the defaults (one process) it needs no barrier. ``latent_dtype`` ("float16"): store the latent moments
     in that type (half the disk and page cache; training then reads rounded moments). ``num_workers``: data
     loader workers that decode and transform the rows being encoded."""
-    if mode is not None and not mode.cacheable:
+    if not mode.cacheable:
         raise ValueError(
             f"The {mode.name} mode cannot train from a latent cache: every step draws a new random mask and "
             "needs a fresh stage-1 encoding of the masked image. Drop --cache_latents."
@@ -464,7 +460,7 @@ def build_latent_cache(
             _SeededRows(dataset, start, stop, seed), batch_size=batch_size, collate_fn=collate_examples,
             num_workers=num_workers, generator=torch.Generator(),  # the global torch RNG is left alone
         )
-        arrays, lists = _encode_rows(loader, vae, mode, columns, text_encoding, progress)
+        arrays, lists = _encode_rows(loader, vae, mode, columns, context, progress)
         joined = {name: _storage(name, np.concatenate(parts), latent_dtype) for name, parts in arrays.items()}
         _write_shard(staging, names[s], {**build, "start": start, "stop": stop}, joined, lists)
     progress.close()

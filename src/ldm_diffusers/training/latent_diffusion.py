@@ -29,7 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conditioning import MODES, Conditioning, TrainingColumns
+from diffusers.training_utils import compute_snr
+from diffusers.utils import make_image_grid
+
+from ..conditioning import Conditioning, TrainingColumns, component_names, mode_named, modes
+from ..data.streaming import StreamCheckpoint, resolve_stream, streaming_loader, take_rows
 from ..data.transforms import collate_examples, example_transform, image_column_of, load_image_splits, tensor_to_pil
 from ..utils.arguments import (
     LR_SCHEDULERS,
@@ -43,8 +47,15 @@ from ..utils.arguments import (
     probability,
     seed_type,
 )
+from ..hub import hub_base_model
+from ..models.autoencoders import latent_scaling_factor, load_autoencoder
+from ..models.unet import LDMUNet2DConditionModel
+from ..pipelines import LDMPipeline
+from ..schedulers import ldm_scheduler
+from ..utils.checkpoints import atomic_directory, publish_into
 from .checkpointing import append_log
-from .latent_cache import at_least_float32, encode_latent_moments
+from .distributed import ShardedTraining
+from .latent_cache import at_least_float32, build_latent_cache, encode_latent_moments, weights_digest
 from .loop import (
     Throughput,
     TrainingLoop,
@@ -58,21 +69,16 @@ from .loop import (
     make_accelerator,
     to_channels_last,
 )
-from .sample_evaluation import fixed_validation_inputs
+from .sample_evaluation import SampleEvaluation, fixed_validation_inputs
 
 logger = logging.getLogger(__name__)
-
-CONDITIONINGS = {mode.name: mode for mode in MODES}
-CONDITIONINGS["unconditional"] = None
-SCHEDULE_FOR_MODE = {"text": "text", "class": "class"}  # every other mode: the unconditional LDM schedule
-
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Train a latent diffusion model (UNet + conditioning encoder) in the latent space of a "
-        "stage-1 autoencoder. --conditioning picks the mode: text, class, layout, super_resolution, inpainting, "
-        "segmentation or unconditional. Flag names follow diffusers' train_text_to_image.py.",
+        f"stage-1 autoencoder. --conditioning picks the mode: {', '.join(m.name for m in modes())}. Flag names "
+        "follow diffusers' train_text_to_image.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("models")
@@ -80,21 +86,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="Stage-1 autoencoder folder (from train_autoencoder.py) or any AutoencoderKL/VQModel folder.")
     g.add_argument("--pretrained_model_name_or_path", default=None,
                    help="An LDMPipeline folder to continue from (its vae, unet and encoders).")
-    g.add_argument("--conditioning", choices=sorted(CONDITIONINGS), default="text", help="The conditioning mode.")
-    g.add_argument("--text_encoder", choices=["transformer", "frozen"], default="transformer",
-                   help="'transformer': a BERT-style transformer trained jointly (the paper); 'frozen': a pretrained "
-                   "transformers encoder (--text_encoder_name_or_path, default the offline MiniLM).")
-    g.add_argument("--text_encoder_name_or_path", default=None, help="Frozen text encoder folder (default MiniLM).")
-    g.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer (default: BERT WordPiece from MiniLM).")
+    g.add_argument("--conditioning", choices=[m.name for m in modes()], default="text", help="The conditioning mode.")
     g.add_argument("--context_dim", type=positive_int, default=256, help="Token width of the trained encoders.")
-    g.add_argument("--text_encoder_layers", type=positive_int, default=4)
-    g.add_argument("--text_encoder_heads", type=positive_int, default=4)
-    g.add_argument("--max_prompt_length", type=int_type(3, 512), default=77, help="Tokens per prompt (CompVis: 77).")
-    g.add_argument("--num_classes", type=positive_int, default=None, help="Class count (default: from the dataset).")
-    g.add_argument("--num_segmentation_classes", type=positive_int, default=None,
-                   help="Classes of the semantic maps, background included (default: from emoji-scenes).")
-    g.add_argument("--max_objects", type=positive_int, default=8, help="Layout encoder: objects per layout.")
-    g.add_argument("--layout_encoder_layers", type=positive_int, default=2)
     g.add_argument("--unet_base_channels", type=positive_int, default=64)
     g.add_argument("--unet_channel_multipliers", type=positive_int, nargs="+", default=[1, 2, 2])
     g.add_argument("--unet_attention_levels", type=non_negative_int, nargs="*", default=None,
@@ -106,15 +99,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default=None,
-                   help="Hub dataset id, 'emoji' (default for text/class/unconditional/super_resolution/inpainting) "
-                   "or 'emoji-scenes' (default for layout/segmentation).")
+                   help="Hub dataset id, 'emoji' or 'emoji-scenes' (layouts and segmentation maps); default: the "
+                        "mode's own.")
     g.add_argument("--dataset_config_name", default=None)
     g.add_argument("--train_data_dir", default=None, help="Local imagefolder with metadata.jsonl.")
     g.add_argument("--image_column", default=None, help="Default: the first Image column.")
-    g.add_argument("--caption_column", default="text")
-    g.add_argument("--class_column", default=None, help="Default: 'label', else 'group_id' (emoji).")
-    g.add_argument("--layout_column", default="layout")
-    g.add_argument("--segmentation_column", default="segmentation")
     g.add_argument("--resolution", type=positive_int, default=64)
     g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--random_flip", action="store_true")
@@ -179,8 +168,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     g.add_argument("--validation_steps", type=non_negative_int, default=500, help="Sample a validation grid every N steps.")
     g.add_argument("--validation_epochs", type=positive_int, default=None, help="Also validate every N epochs.")
-    g.add_argument("--validation_prompts", nargs="+", default=None, help="Default: validation captions.")
-    g.add_argument("--validation_class_labels", type=non_negative_int, nargs="+", default=None)
     g.add_argument("--num_validation_images", type=positive_int, default=8)
     g.add_argument("--validation_inference_steps", type=int_type(1, 999), default=50)
     g.add_argument("--validation_guidance_scale", type=non_negative_float, default=3.0, help="Used where the mode has a null input.")
@@ -193,6 +180,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
     g.add_argument("--hub_private", action="store_true")
+
+    g = p.add_argument_group("conditioning modes (each flag is read by the modes its help names)")
+    for mode in modes():
+        mode.add_training_arguments(g)
     return p
 
 
@@ -205,8 +196,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
             "pass --pretrained_vae_model_name_or_path (a stage-1 folder: train one with `ldm-diffusers "
             "train-autoencoder --output_dir outputs/kl-f4`) or --pretrained_model_name_or_path (an LDMPipeline)."
         )
-    mode = CONDITIONINGS[args.conditioning]
-    has_null = mode is not None and mode.kind == "context"
+    mode = mode_named(args.conditioning)
+    has_null = mode.trains_null
     if args.conditioning_dropout_prob is None:
         args.conditioning_dropout_prob = 0.1 if has_null else 0.0
     if not 0 <= args.conditioning_dropout_prob <= 1:
@@ -216,10 +207,10 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.streaming:
         check_streaming_args(parser, args)
     if args.dataset_name is None and args.train_data_dir is None:
-        args.dataset_name = "emoji-scenes" if args.conditioning in ("layout", "segmentation") else "emoji"
+        args.dataset_name = mode.default_dataset
     if args.noise_schedule is None:
-        args.noise_schedule = SCHEDULE_FOR_MODE.get(args.conditioning, "unconditional")
-    if args.cache_latents and mode is not None and not mode.cacheable:
+        args.noise_schedule = mode.noise_schedule
+    if args.cache_latents and not mode.cacheable:
         parser.error(f"--cache_latents cannot serve --conditioning {args.conditioning}: its random masks need a "
                      "fresh stage-1 encoding every step.")
     check_train_args(parser, args)
@@ -268,15 +259,7 @@ def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if bad_levels:
         parser.error(f"--unet_attention_levels {bad_levels}: the UNet has levels 0..{levels - 1} "
                      f"(one per --unet_channel_multipliers value).")
-    if args.conditioning == "text" and args.text_encoder == "transformer" and args.context_dim % args.text_encoder_heads:
-        parser.error(f"--context_dim {args.context_dim} must be divisible by --text_encoder_heads {args.text_encoder_heads}.")
-    if args.conditioning == "layout" and args.context_dim % max(1, args.context_dim // 64):
-        parser.error(f"--context_dim {args.context_dim}: the layout encoder uses context_dim // 64 = "
-                     f"{args.context_dim // 64} attention heads, which must divide it (e.g. 64, 128, 256).")
-    if args.validation_class_labels and args.num_classes:
-        bad = sorted({c for c in args.validation_class_labels if c >= args.num_classes})
-        if bad:
-            parser.error(f"--validation_class_labels {bad}: --num_classes {args.num_classes} allows 0..{args.num_classes - 1}.")
+    mode_named(args.conditioning).check_training_args(parser, args)
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -297,7 +280,7 @@ class Denoiser(nn.Module):
 
     def components(self) -> SimpleNamespace:
         """The pipeline-like view the conditioning modes read."""
-        parts = {"text_encoder": None, "tokenizer": None, "class_embedder": None, "layout_encoder": None}
+        parts = dict.fromkeys(component_names())
         parts.update(self._frozen)
         parts.update(dict(self.encoders.items()))
         return SimpleNamespace(unet=self.unet, _execution_device=next(self.unet.parameters()).device, **parts)
@@ -306,97 +289,29 @@ class Denoiser(nn.Module):
         """``values``: the mode's inputs (encoded here, with gradients into trainable encoders); or a
         ready ``conditioning`` (cached or frozen tokens). Returns the prediction [B, c, h, w]."""
         if conditioning is None:
-            conditioning = Conditioning()
-            if self.mode is not None:
-                conditioning = self.mode.condition(self.components(), values, tuple(noisy_latents.shape[-2:]))
+            conditioning = self.mode.condition(self.components(), values, tuple(noisy_latents.shape[-2:]))
         model_input = conditioning.model_input(noisy_latents)
         return self.unet(model_input, timesteps, encoder_hidden_states=conditioning.context).sample
 
 
-def _class_count(args, train_ds) -> int:
-    from datasets import ClassLabel
-
-    if args.num_classes:
-        return args.num_classes
-    feature = train_ds.features.get(args.class_column)
-    if isinstance(feature, ClassLabel):
-        return feature.num_classes
-    return int(max(train_ds[args.class_column])) + 1
-
-
-def _segmentation_classes(args) -> int:
-    if args.num_segmentation_classes:
-        return args.num_segmentation_classes
-    if args.dataset_name == "emoji-scenes":
-        from ..data.scenes import scene_classes
-
-        return len(scene_classes(args.resolution)) + 1
-    raise SystemExit("Pass --num_segmentation_classes (the classes of your semantic maps, background included).")
-
-
 def build_models(args, train_ds):
-    """(vae, unet, trainable encoders, frozen components, tokenizer) for ``args``."""
-    from ..conditioning import ClassEmbedder, LayoutEncoder, bert_tokenizer, build_text_transformer, load_frozen_text_encoder
-    from ..models.autoencoders import load_autoencoder
-    from ..models.unet import LDMUNet2DConditionModel
-
-    mode = CONDITIONINGS[args.conditioning]
-    trainable, frozen = {}, {}
+    """(vae, unet, trainable encoders, frozen components) for ``args``: the mode builds tau_theta (or takes it from
+    the pipeline to continue from), the UNet is built around its token width and concatenated channels."""
+    mode = mode_named(args.conditioning)
     if args.pretrained_model_name_or_path:
-        from ..pipelines import LDMPipeline
-
         pipe = LDMPipeline.from_pretrained(args.pretrained_model_name_or_path)
-        for name in ("class_embedder", "layout_encoder", "text_encoder"):
-            module = getattr(pipe, name)
-            if module is not None:
-                (frozen if name == "text_encoder" and args.text_encoder == "frozen" else trainable)[name] = module
-        if pipe.tokenizer is not None:
-            frozen["tokenizer"] = pipe.tokenizer
-        if mode is not None and mode.kind == "concat":
-            frozen["vae"] = pipe.vae
-        return pipe.vae, pipe.unet, trainable, frozen
+        parts = mode.pretrained_encoders(pipe, args)
+        if mode.kind == "concat":
+            parts.frozen["vae"] = pipe.vae
+        return pipe.vae, pipe.unet, parts.trainable, parts.frozen
     vae = load_autoencoder(args.pretrained_vae_model_name_or_path)
-    context_dim, concat = None, 0
-    if args.conditioning == "text":
-        if args.text_encoder == "frozen":
-            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path)
-            frozen["text_encoder"] = encoder
-        else:
-            tokenizer = bert_tokenizer(args.tokenizer_name_or_path)
-            encoder = build_text_transformer(
-                vocab_size=len(tokenizer), context_dim=args.context_dim, depth=args.text_encoder_layers,
-                num_heads=args.text_encoder_heads, max_length=args.max_prompt_length,
-            )
-            trainable["text_encoder"] = encoder
-        tokenizer.model_max_length = args.max_prompt_length  # saved with the tokenizer: sampling pads the same
-        frozen["tokenizer"] = tokenizer
-        context_dim = encoder.config.hidden_size
-    elif args.conditioning == "class":
-        trainable["class_embedder"] = ClassEmbedder(num_classes=_class_count(args, train_ds), context_dim=args.context_dim)
-        context_dim = args.context_dim
-    elif args.conditioning == "layout":
-        from ..data.scenes import scene_classes
-
-        classes = args.num_classes or (len(scene_classes(args.resolution)) if args.dataset_name == "emoji-scenes" else None)
-        if classes is None:
-            raise SystemExit("Pass --num_classes (the object classes of your layouts).")
-        trainable["layout_encoder"] = LayoutEncoder(
-            num_classes=classes, context_dim=args.context_dim, max_objects=args.max_objects,
-            depth=args.layout_encoder_layers, num_heads=max(1, args.context_dim // 64),
-        )
-        context_dim = args.context_dim
-    elif args.conditioning == "super_resolution":
-        concat = 3
-    elif args.conditioning == "inpainting":
-        concat = vae.latent_channels_for_diffusion + 1
-    elif args.conditioning == "segmentation":
-        concat = _segmentation_classes(args)
-    if mode is not None and mode.kind == "concat":
-        frozen["vae"] = vae
+    parts = mode.build_encoders(args, train_ds, vae)
+    if mode.kind == "concat":
+        parts.frozen["vae"] = vae
     unet = LDMUNet2DConditionModel.from_ldm_config(
         latent_channels=vae.latent_channels_for_diffusion,
-        concat_channels=concat,
-        context_dim=context_dim,
+        concat_channels=parts.concat_channels,
+        context_dim=parts.context_dim,
         base_channels=args.unet_base_channels,
         channel_multipliers=args.unet_channel_multipliers,
         attention_levels=args.unet_attention_levels,
@@ -406,7 +321,7 @@ def build_models(args, train_ds):
         norm_num_groups=args.norm_num_groups,
         sample_size=args.resolution // vae.downsampling_factor,
     )
-    return vae, unet, trainable, frozen
+    return vae, unet, parts.trainable, parts.frozen
 
 
 # -- per-example randomness -------------------------------------------------------------------------
@@ -465,8 +380,6 @@ def load_splits(args, accelerator):
 def load_stream(args):
     """``--streaming``: (the training shards, validation rows as a ``datasets.Dataset``, the indices held out of
     training). Validation rows are the source's validation split if it has one, else its first training rows."""
-    from ..data.streaming import resolve_stream, take_rows
-
     source = args.train_data_dir or args.dataset_name
     shards = resolve_stream(source, "train", args.dataset_config_name, cache_dir=args.cache_dir)
     n = max(args.num_validation_images, args.evaluation_num_images or 0)
@@ -478,24 +391,17 @@ def load_stream(args):
         val_ds, held_out = take_rows(validation, n)[0], ()
     if args.class_column is None:
         args.class_column = "label" if "label" in shards.column_names or "group_id" not in shards.column_names else "group_id"
-    if args.conditioning == "class" and not args.num_classes:
-        from datasets import ClassLabel
-
-        if not isinstance(shards.features.get(args.class_column), ClassLabel):
-            raise SystemExit(f"--streaming: the class column '{args.class_column}' is not a ClassLabel, so the class "
-                             "count is unknown before the stream is read: pass --num_classes.")
     return shards, val_ds, held_out
 
 
 def set_up_columns(args, mode, train_ds, val_ds, vae) -> tuple[TrainingColumns, dict]:
     """Check that the datasets have the mode's columns and set their per-example transforms; returns
     (columns, the columns the mode reads)."""
-    columns = TrainingColumns(args.caption_column, args.class_column, args.layout_column, args.segmentation_column,
-                              vae.downsampling_factor)
-    needed = mode.dataset_columns(columns) if mode is not None else {}
+    columns = TrainingColumns.from_args(args, vae.downsampling_factor)
+    needed = mode.dataset_columns(columns)
     missing = [c for c in needed if c not in train_ds.column_names]
     if missing:
-        flags = [f"--{field}" for field, value in vars(columns).items() if value in missing]
+        flags = columns.flags_for(missing)
         raise SystemExit(f"--conditioning {args.conditioning} reads the column(s) {missing}, which the dataset lacks "
                          f"(it has {train_ds.column_names}); point {' / '.join(flags)} at the right column.")
     if args.resolution % vae.downsampling_factor:
@@ -511,27 +417,22 @@ def training_rows(args, accelerator, train_ds, vae, mode, columns, needed, froze
     rows = IndexedDataset(train_ds)
     if not args.cache_latents:
         return rows
-    from .latent_cache import build_latent_cache, weights_digest
-
-    text_frozen = _text_frozen(args, frozen)
+    context = mode.frozen_context(frozen)
     settings = {
         "vae": weights_digest(vae), "dataset": train_ds._fingerprint, "resolution": args.resolution,
         "center_crop": args.center_crop, "random_flip": args.random_flip, "columns": needed, "seed": args.seed,
-        "mode": args.conditioning, "text": weights_digest(frozen["text_encoder"]) if text_frozen else None,
-        "max_prompt_length": args.max_prompt_length, "f": vae.downsampling_factor,
+        "mode": args.conditioning, "f": vae.downsampling_factor,
+        "frozen": {name: weights_digest(m) for name, m in frozen.items() if isinstance(m, nn.Module) and name != "vae"}
+        if context else None, "max_prompt_length": getattr(args, "max_prompt_length", None),
     }
     cache_dir = Path(args.latent_cache_dir or output_dir / "latent_cache")  # seen by every process
     return build_latent_cache(  # every process encodes its shards of the set, in parallel
         rows, vae, mode, columns, cache_dir, settings,
-        (frozen["tokenizer"], frozen["text_encoder"]) if text_frozen else None,
+        context,
         batch_size=args.train_batch_size, show_progress=accelerator.is_local_main_process,
         rank=accelerator.process_index, world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone,
         num_workers=args.dataloader_num_workers,
     )
-
-
-def _text_frozen(args, frozen: dict) -> bool:
-    return args.conditioning == "text" and "text_encoder" in frozen
 
 
 # -- models and optimiser ---------------------------------------------------------------------------
@@ -553,17 +454,19 @@ def make_denoiser(args, accelerator, unet, mode, trainable: dict, frozen: dict, 
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if "text_encoder" in trainable:  # transformers 5 renamed it (the old name warns); 4.x has only the old one
-            encoder = trainable["text_encoder"]
-            getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+        for encoder in trainable.values():  # transformers 5 renamed it (the old name warns); 4.x has the old one only
+            enable = getattr(encoder, "activation_checkpointing_enable", getattr(encoder, "gradient_checkpointing_enable", None))
+            if enable is not None:
+                enable()
     if args.channels_last:
         to_channels_last(unet, vae)
     if args.compile:
         compile_module(unet)
-        if not args.cache_latents or (mode is not None and mode.kind == "concat"):
+        if not args.cache_latents or mode.kind == "concat":
             compile_module(vae.encoder, frozen=True)
-        if _text_frozen(args, frozen) and not args.cache_latents:
-            compile_module(frozen["text_encoder"], frozen=True, fullgraph=False)
+        for name, module in frozen.items():  # a frozen encoder that runs every step (a pretrained text encoder)
+            if isinstance(module, nn.Module) and name != "vae" and not args.cache_latents:
+                compile_module(module, frozen=True, fullgraph=False)
     return Denoiser(unet, mode, trainable, frozen)
 
 
@@ -592,15 +495,10 @@ class DiffusionObjective:
 
     def __init__(self, args, mode, columns, vae, noise_scheduler, weight_dtype: torch.dtype, device,
                  null_context: torch.Tensor | None = None):
-        from diffusers.training_utils import compute_snr
-
-        from ..models.autoencoders import latent_scaling_factor
-
         self.args, self.mode, self.columns, self.vae = args, mode, columns, vae
         self.noise_scheduler, self.weight_dtype, self.device = noise_scheduler, weight_dtype, device
         self.scale = latent_scaling_factor(vae)
         self.null_context = null_context
-        self._compute_snr = compute_snr
 
     def latent_moments(self, batch) -> dict[str, torch.Tensor]:
         """The batch's stage-1 encoding, unscaled: from the cache, or the frozen encoder on its pixels."""
@@ -636,7 +534,7 @@ class DiffusionObjective:
             context = batch["context"].to(device, self.weight_dtype)
             context = torch.where(drop.view(-1, 1, 1), self.null_context.expand_as(context), context)
             conditioning = Conditioning(context=context)
-        elif self.mode is not None:
+        else:
             values = self.mode.training_inputs(batch, self.columns, [np_rng for _, np_rng in gens])
             values = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in values.items()}
             values = self.mode.drop(raw.components(), values, drop)
@@ -647,7 +545,7 @@ class DiffusionObjective:
         pred, target = at_least_float32(pred), at_least_float32(target)
         if args.snr_gamma is None:
             return F.mse_loss(pred, target)
-        snr = self._compute_snr(self.noise_scheduler, t)
+        snr = compute_snr(self.noise_scheduler, t)
         weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if args.prediction_type == "v_prediction" else snr)
         per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         return (per_example * weights).mean()
@@ -679,14 +577,12 @@ def optimisation_step(accelerator, args, objective, batch, epoch: int, denoiser,
 # -- the run ----------------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> dict:
     """Train, save the ``LDMPipeline`` to ``args.output_dir`` and return a summary."""
-    from ..schedulers import ldm_scheduler
-    from .distributed import ShardedTraining
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir, args.logging_dir)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    mode = CONDITIONINGS[args.conditioning]
+    mode = mode_named(args.conditioning)
 
     # Build: data splits, models (frozen parts in the mixed-precision dtype) ----------------------------
     if args.streaming:
@@ -701,8 +597,6 @@ def train(args: argparse.Namespace) -> dict:
 
     # Data: the dataset's rows or their latent cache, or the stream --------------------------------------
     if args.streaming:
-        from ..data.streaming import StreamCheckpoint, streaming_loader
-
         train_dl = streaming_loader(
             shards, resolution=args.resolution, batch_size=args.train_batch_size, image_column=args.image_column,
             columns=needed, center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed,
@@ -729,12 +623,10 @@ def train(args: argparse.Namespace) -> dict:
     sharding.after_prepare(optimizer)
     # the UNet's EMA (first of the checkpointed objects): diffusers' EMAModel, or its per-shard twin under FSDP
     ema = sharding.make_ema(denoiser, "unet", decay=args.ema_decay) if args.use_ema else None
-    null_context = None
-    if _text_frozen(args, frozen) and args.cache_latents:
-        from ..conditioning.text import encode_prompts
-
+    null_context, context = None, mode.frozen_context(frozen)
+    if context is not None and args.cache_latents:
         with torch.no_grad():
-            null_context = encode_prompts(frozen["tokenizer"], frozen["text_encoder"], [""]).to(weight_dtype)
+            null_context = context(None).to(weight_dtype)
     objective = DiffusionObjective(
         args, mode, columns, vae, ldm_scheduler("ddpm", args.noise_schedule, args.prediction_type, args.num_train_timesteps),
         weight_dtype, accelerator.device, null_context,
@@ -756,8 +648,6 @@ def train(args: argparse.Namespace) -> dict:
 
     evaluation = None
     if args.evaluation_steps and accelerator.is_main_process:
-        from .sample_evaluation import SampleEvaluation
-
         evaluation = SampleEvaluation(args, mode, columns, val_ds)
 
     def evaluate(step: int):
@@ -820,8 +710,6 @@ def train(args: argparse.Namespace) -> dict:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         if args.push_to_hub:
             repo_id = args.hub_model_id or output_dir.resolve().name
-            from ..hub import hub_base_model
-
             pipe.push_to_hub(repo_id, private=args.hub_private, token=args.hub_token,
                              model_card_text=training_card_text(args, summary),
                              datasets=[args.dataset_name] if args.dataset_name and "/" in args.dataset_name else None,
@@ -836,9 +724,6 @@ def train(args: argparse.Namespace) -> dict:
 def build_pipeline(args, raw: Denoiser, vae, ema=None, final: bool = False):
     """An ``LDMPipeline`` around the trained parts: an eager copy of the UNet (with the EMA weights if kept)
     when it is compiled or EMA is on, so sampling neither recompiles the training graph nor disturbs it."""
-    from ..pipelines import LDMPipeline
-    from ..schedulers import ldm_scheduler
-
     unet = raw.unet
     if ema is not None or getattr(unet, "_compiled_call_impl", None) is not None:
         unet = type(unet).from_config(unet.config).to(unet.device, unet.dtype)
@@ -848,15 +733,12 @@ def build_pipeline(args, raw: Denoiser, vae, ema=None, final: bool = False):
     parts = raw.components()
     return LDMPipeline(
         vae=vae, unet=unet, scheduler=ldm_scheduler("ddim", args.noise_schedule, args.prediction_type, args.num_train_timesteps),
-        text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, class_embedder=parts.class_embedder,
-        layout_encoder=parts.layout_encoder,
+        conditioning_mode=raw.mode.name, **{name: getattr(parts, name) for name in raw.mode.components},
     )
 
 
 def save_pipeline(pipe, output_dir: Path) -> None:
     """``save_pretrained`` into a temporary folder, then move each component into ``output_dir``."""
-    from ..utils.checkpoints import atomic_directory, publish_into
-
     tmp = atomic_directory(output_dir / "pipeline")
     for _, module in pipe.components.items():  # weights are saved in float32 whatever the training precision
         if isinstance(module, nn.Module) and module.dtype != torch.float32:
@@ -872,17 +754,12 @@ class ValidationSet:
         self.args, self.mode = args, mode
         n = min(args.num_validation_images, len(val_ds))
         self.references, self.values, self.guidance = fixed_validation_inputs(args, mode, columns, val_ds, n)
-        if args.conditioning == "text" and args.validation_prompts:
-            self.values = {"prompt": list(args.validation_prompts)}
-            self.references = None
-        if args.conditioning == "class" and args.validation_class_labels:
-            self.values = {"class_labels": torch.tensor(args.validation_class_labels)}
-            self.references = None
+        given = mode.validation_values(args)
+        if given is not None:
+            self.values, self.references = given, None
         self.batch = n
 
     def run(self, accelerator, pipe, output_dir: Path, step: int) -> Path:
-        from diffusers.utils import make_image_grid
-
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
         kwargs = dict(self.values) if self.values else {"batch_size": self.batch}

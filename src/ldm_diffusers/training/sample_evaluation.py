@@ -56,10 +56,8 @@ def fixed_validation_inputs(args, mode, columns, val_ds, n: int) -> tuple[torch.
     inputs with per-row seeded randomness, the guidance scale: ``--validation_guidance_scale`` where the mode has
     a null input that training dropped to, else 1)."""
     rows = collate_examples([{**val_ds[i], "index": i} for i in range(n)])
-    values = {}
-    if mode is not None:
-        values = mode.training_inputs(rows, columns, [np.random.default_rng([args.seed, i]) for i in range(n)])
-    has_null = mode is not None and mode.kind == "context" and args.conditioning_dropout_prob > 0
+    values = mode.training_inputs(rows, columns, [np.random.default_rng([args.seed, i]) for i in range(n)])
+    has_null = mode.trains_null and args.conditioning_dropout_prob > 0
     return rows["pixel_values"], values, args.validation_guidance_scale if has_null else 1.0
 
 

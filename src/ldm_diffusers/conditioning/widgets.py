@@ -1,8 +1,8 @@
-"""What the web demo asks for, per conditioning mode, and how its widgets' values become pipeline inputs.
+"""The values of the web demo's widgets, and how each mode turns them into pipeline inputs.
 
-No Gradio here: the values are plain Python (strings, ints, PIL images, the image editor's
+No Gradio here (the modes build their widgets with the gradio module they are handed): the values are plain Python (strings, ints, PIL images, the image editor's
 ``{"background", "layers", "composite"}`` dict of PIL images, the layout table's rows), so the rules are tested
-without a browser. Every refusal is a :class:`DemoInputError` whose message the page shows as it is.
+without a browser. Every refusal is an :class:`~ldm_diffusers.conditioning.base.InputError` whose message the page shows as it is.
 """
 
 from __future__ import annotations
@@ -13,59 +13,9 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-# {mode: title}: the pipeline's conditioning modes (ldm_diffusers.conditioning.MODES' names) and unconditional sampling
-MODES = {"text": "text-to-image", "class": "class-conditional", "layout": "layout-to-image",
-         "super_resolution": "super-resolution", "inpainting": "inpainting", "segmentation": "semantic synthesis",
-         "unconditional": "unconditional"}
+from .base import InputError
+
 LAYOUT_COLUMNS = ["class", "x0", "y0", "x1", "y1"]
-
-
-class DemoInputError(ValueError):
-    """A bad or missing input, with a message for the page."""
-
-
-def pipeline_mode(pipe) -> str:
-    """The mode of ``pipe`` (a key of ``MODES``), from its encoders and its UNet's concatenated channels
-    (as ``ldm-diffusers export`` reads them): the low-resolution RGB image's channels for super-resolution, the
-    latents plus one mask channel for inpainting, any other count for a segmentation map's classes."""
-    for component, mode in (("text_encoder", "text"), ("class_embedder", "class"), ("layout_encoder", "layout"),
-                            ("segmentation_encoder", "segmentation")):
-        if getattr(pipe, component, None) is not None:
-            return mode
-    config = pipe.unet.config
-    concat = config.in_channels - config.out_channels
-    if concat == 0:
-        return "unconditional"
-    if concat == pipe.vae.config.in_channels:
-        return "super_resolution"
-    return "inpainting" if concat == config.out_channels + 1 else "segmentation"
-
-
-def has_guidance(pipe, mode: str) -> bool:
-    """Whether the mode has an unconditional input, so that guidance_scale > 1 applies."""
-    if mode == "text":
-        return True
-    if mode == "class":
-        return pipe.class_embedder.null_class is not None
-    if mode == "layout":
-        return pipe.layout_encoder.has_null_layout
-    return False
-
-
-def num_classes(pipe, mode: str) -> int:
-    """The class ids the mode's input takes (class labels, layout objects or segmentation classes)."""
-    from ..conditioning import SegmentationMode
-
-    if mode == "class":
-        return pipe.class_embedder.config.num_classes
-    if mode == "layout":
-        return pipe.layout_encoder.config.num_classes
-    return SegmentationMode.num_classes(pipe)
-
-
-def class_choices(pipe, mode: str) -> list[tuple[str, int]]:
-    """(label, id) per class; the models store no class names, so the label is "class <id>"."""
-    return [(f"class {i}", i) for i in range(num_classes(pipe, mode))]
 
 
 def default_size(pipe) -> tuple[int, int]:
@@ -87,19 +37,19 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
 # -- widget values -> pipeline inputs ----------------------------------------------------------------------
 def text_inputs(prompt: str | None, negative_prompt: str | None) -> dict:
     if not prompt or not prompt.strip():
-        raise DemoInputError("Type a prompt first.")
+        raise InputError("Type a prompt first.")
     return {"prompt": [prompt], "negative_prompt": [negative_prompt] if negative_prompt else None}
 
 
 def class_inputs(class_id: int | None) -> dict:
     if class_id is None:
-        raise DemoInputError("Pick a class first.")
+        raise InputError("Pick a class first.")
     return {"class_labels": [int(class_id)]}
 
 
 def super_resolution_inputs(image: Image.Image | None) -> dict:
     if image is None:
-        raise DemoInputError("Upload a low-resolution image first.")
+        raise InputError("Upload a low-resolution image first.")
     return {"image": image.convert("RGB")}
 
 
@@ -119,16 +69,16 @@ def inpainting_inputs(editor: dict | None) -> dict:
     """The editor's background as ``image`` and everything drawn on it (any layer, any colour) as the
     ``mask_image`` ('L', 255 = fill in)."""
     if editor is None or editor.get("background") is None:
-        raise DemoInputError("Upload an image to inpaint first.")
+        raise InputError("Upload an image to inpaint first.")
     image = _rgb(editor["background"])
     drawn = np.zeros((image.height, image.width), bool)
     for layer in _layers(editor):
         if layer.shape[:2] != drawn.shape:
-            raise DemoInputError(f"The mask layer is {layer.shape[1]}x{layer.shape[0]} but the image is "
+            raise InputError(f"The mask layer is {layer.shape[1]}x{layer.shape[0]} but the image is "
                                  f"{image.width}x{image.height}; draw the mask on the image itself.")
         drawn |= layer[..., 3] > 0
     if not drawn.any():
-        raise DemoInputError("Draw a mask first: paint over the region to fill in (nothing is drawn on the image).")
+        raise InputError("Draw a mask first: paint over the region to fill in (nothing is drawn on the image).")
     return {"image": image, "mask_image": Image.fromarray(np.where(drawn, 255, 0).astype(np.uint8), mode="L")}
 
 
@@ -144,7 +94,7 @@ def segmentation_inputs(editor: dict | None, n_classes: int) -> dict:
     values are all below ``n_classes``, as ``generate --segmentation_map`` reads) or a picture in the legend's
     colours (each pixel takes the nearest one); what is painted on top takes its colour's class."""
     if editor is None or editor.get("background") is None:
-        raise DemoInputError("Upload or draw a segmentation map first.")
+        raise InputError("Upload or draw a segmentation map first.")
     background = np.asarray(_rgb(editor["background"]))
     colors = class_colors(n_classes)
     grey = (background == background[..., :1]).all()
@@ -154,7 +104,7 @@ def segmentation_inputs(editor: dict | None, n_classes: int) -> dict:
         ids = _nearest_class(background, colors)
     for layer in _layers(editor):
         if layer.shape[:2] != ids.shape:
-            raise DemoInputError(f"A drawn layer is {layer.shape[1]}x{layer.shape[0]} but the map is "
+            raise InputError(f"A drawn layer is {layer.shape[1]}x{layer.shape[0]} but the map is "
                                  f"{ids.shape[1]}x{ids.shape[0]}; draw on the map itself.")
         painted = layer[..., 3] > 127
         ids[painted] = _nearest_class(layer[..., :3], colors)[painted]
@@ -167,15 +117,15 @@ def blank_segmentation_map(size: tuple[int, int]) -> Image.Image:
 
 
 def _number(value) -> float | None:
-    """A table cell as a float, None when empty (or NaN); a ``DemoInputError`` for anything else but a finite number."""
+    """A table cell as a float, None when empty (or NaN); a ``InputError`` for anything else but a finite number."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise DemoInputError(f"Layout table: {value!r} is not a number.") from None
+        raise InputError(f"Layout table: {value!r} is not a number.") from None
     if math.isinf(number):
-        raise DemoInputError(f"Layout table: {value!r} is not a finite number.")
+        raise InputError(f"Layout table: {value!r} is not a finite number.")
     return None if math.isnan(number) else number
 
 
@@ -188,9 +138,9 @@ def layout_rows(rows) -> list[tuple[int, tuple[float, float, float, float]]]:
         if all(v is None for v in cells):
             continue
         if any(v is None for v in cells):
-            raise DemoInputError(f"Layout table, row {number}: fill in all of class, x0, y0, x1, y1.")
+            raise InputError(f"Layout table, row {number}: fill in all of class, x0, y0, x1, y1.")
         if cells[0] != int(cells[0]):
-            raise DemoInputError(f"Layout table, row {number}: the class is a whole number, got {cells[0]:g}.")
+            raise InputError(f"Layout table, row {number}: the class is a whole number, got {cells[0]:g}.")
         layout.append((int(cells[0]), tuple(cells[1:])))
     return layout
 
@@ -199,7 +149,7 @@ def layout_inputs(rows) -> dict:
     """``layout_rows`` as the pipeline's ``layout`` (which checks the classes and boxes against the model)."""
     layout = layout_rows(rows)
     if not layout:
-        raise DemoInputError("Add at least one box to the layout table: class, x0, y0, x1, y1.")
+        raise InputError("Add at least one box to the layout table: class, x0, y0, x1, y1.")
     return {"layout": [[class_id, list(box)] for class_id, box in layout]}
 
 
@@ -213,7 +163,7 @@ def layout_preview(rows, size: tuple[int, int], n_classes: int, scale: int = 4) 
     for row in rows or []:
         try:
             boxes = layout_rows([row])
-        except DemoInputError:
+        except InputError:
             continue
         for class_id, (x0, y0, x1, y1) in boxes:
             if not (0 <= class_id < n_classes and 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1):
