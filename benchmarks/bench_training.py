@@ -101,8 +101,9 @@ def main():
     from accelerate import Accelerator
 
     from ldm_diffusers.conditioning import TextMode, TrainingColumns, encode_prompts
-    from ldm_diffusers.training.latent_cache import encode_latent_moments
-    from ldm_diffusers.training.latent_diffusion import DiffusionObjective, make_denoiser, optimisation_step
+    from ldm_diffusers.losses.diffusion import DiffusionObjective
+    from ldm_diffusers.models.autoencoders import encode_latent_moments
+    from ldm_diffusers.training.latent_diffusion import make_denoiser, optimisation_step
     from ldm_diffusers.training.loop import adam_kwargs
 
     device = torch.device(a.device)

@@ -1,6 +1,6 @@
 """A Hugging Face Space: the ldm-diffusers web demo for builtin:emoji-text-to-image.
 
-Written by ldm_diffusers.demo.space_files; run it anywhere with `python app.py` (pip install 'ldm-diffusers[demo]').
+Written by ldm_diffusers.hub.space_files; run it anywhere with `python app.py` (pip install 'ldm-diffusers[demo]').
 """
 
 import torch

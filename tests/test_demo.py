@@ -301,8 +301,11 @@ def test_push_to_hub_with_a_space_that_runs_the_demo(writable_hub, tmp_path, mon
 
     from huggingface_hub import SpaceCard, hf_hub_download
 
+    from ldm_diffusers.hub import push_space
+
     pipe = demo_pipe("class")
-    pipe.push_to_hub("org/demo-ldm", space=True)
+    pipe.push_to_hub("org/demo-ldm")
+    push_space("org/demo-ldm-demo", "org/demo-ldm")
     assert _space_files(writable_hub, "org/demo-ldm-demo") == {".gitattributes", "app.py", "requirements.txt",
                                                                "README.md"}
     assert writable_hub.validated[-1] == ([], [])  # the Space metadata passed the Hub's checks on upload
@@ -322,7 +325,7 @@ def test_push_to_hub_with_a_space_that_runs_the_demo(writable_hub, tmp_path, mon
 
 
 def test_examples_app_is_the_space_app_of_the_builtin_model():
-    from ldm_diffusers.demo import space_files
+    from ldm_diffusers.hub import space_files
 
     example = Path(__file__).resolve().parents[1] / "examples" / "app.py"
     assert example.read_text() == space_files("builtin:emoji-text-to-image")["app.py"]

@@ -7,7 +7,8 @@ import pytest
 from conftest import tiny_kl, tiny_vq
 from huggingface_hub import ModelCard
 
-from ldm_diffusers.hub import autoencoder_model_card, pipeline_model_card
+from ldm_diffusers.hub import autoencoder_model_card
+from ldm_diffusers.pipelines.model_card import pipeline_model_card
 from ldm_diffusers.training.autoencoder import build_parser
 from ldm_diffusers.utils.model_cards import component_model_card
 

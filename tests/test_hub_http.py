@@ -75,7 +75,7 @@ def test_errors_name_the_repository_and_leave_nothing_partial(local_hub, tmp_pat
     import pytest
     from huggingface_hub import _snapshot_download, constants
 
-    from ldm_diffusers.utils.hub_errors import HubLoadError
+    from ldm_diffusers.utils.hub_download import HubLoadError
     from test_pipeline import make_pipe
 
     cache = Path(constants.HF_HUB_CACHE)
@@ -128,7 +128,7 @@ def test_component_and_file_errors_name_the_repository(local_hub, tmp_path, monk
     from huggingface_hub import constants
 
     from ldm_diffusers import LDMAutoencoderKL, load_autoencoder
-    from ldm_diffusers.utils.hub_errors import HubLoadError
+    from ldm_diffusers.utils.hub_download import HubLoadError
     from test_pipeline import make_pipe
 
     cache = Path(constants.HF_HUB_CACHE)

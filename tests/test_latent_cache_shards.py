@@ -14,13 +14,13 @@ from conftest import tiny_kl
 from ldm_diffusers.conditioning import TrainingColumns
 from ldm_diffusers.conditioning.spatial import SuperResolutionMode
 from ldm_diffusers.data.transforms import collate_examples
+from ldm_diffusers.models.autoencoders import encode_latent_moments
 from ldm_diffusers.training import latent_cache
 from ldm_diffusers.training.latent_cache import (
     INFO_FILE,
     LatentCacheDataset,
     build_latent_cache,
     cache_problem,
-    encode_latent_moments,
     load_latent_cache,
 )
 

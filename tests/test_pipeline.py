@@ -416,7 +416,7 @@ def test_loads_diffusers_super_resolution_ldm_layout(tmp_path):
 
 def test_hub_ids_are_downloaded_then_loaded_without_remote_code(tmp_path, monkeypatch):
     # The real download is exercised against a local Hub server in the Hub-sharing tests.
-    import huggingface_hub
+    from ldm_diffusers.utils import hub_download
 
     pipe = make_pipe("class")
     pipe.save_pretrained(tmp_path / "repo")
@@ -426,7 +426,7 @@ def test_hub_ids_are_downloaded_then_loaded_without_remote_code(tmp_path, monkey
         asked.update(repo_id=repo_id, **kwargs)
         return str(tmp_path / "repo")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub_download, "snapshot_download", snapshot_download)
     loaded = LDMPipeline.from_pretrained("org/tiny-ldm", revision="v1")
     assert asked["repo_id"] == "org/tiny-ldm" and asked["revision"] == "v1"
     assert "*.bin" in asked["ignore_patterns"]
@@ -475,7 +475,7 @@ def test_attention_and_vae_slicing_and_tiling_keep_outputs():
 def test_pipeline_model_card():
     from huggingface_hub import ModelCard
 
-    from ldm_diffusers.hub import pipeline_model_card
+    from ldm_diffusers.pipelines.model_card import pipeline_model_card
 
     pipe = make_pipe("prompt")
     card = ModelCard(str(pipeline_model_card(pipe, "org/tiny-t2i")))

@@ -11,13 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_diffusers.data.streaming import (
-    INDEX_STRIDE,
-    StreamCheckpoint,
-    resolve_stream,
-    streaming_loader,
-    take_rows,
-)
+from ldm_diffusers.data.stream_source import INDEX_STRIDE, resolve_stream
+from ldm_diffusers.data.streaming import StreamCheckpoint, streaming_loader, take_rows
 from ldm_diffusers.data.transforms import example_transform
 
 SHARDS, ROWS = 3, 7  # 21 rows

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from ldm_diffusers import LDMPipeline
 from ldm_diffusers.conditioning import ClassMode, LayoutMode, TextMode
-from ldm_diffusers.training.latent_diffusion import draw_noise, example_generators, main, parse_args
+from ldm_diffusers.losses.diffusion import draw_noise, example_generators
+from ldm_diffusers.training.latent_diffusion import main, parse_args
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def test_every_mode_trains_and_its_loss_falls_on_a_fixed_batch(stage1, emoji16, 
     data = scenes16 if conditioning in ("layout", "segmentation") else emoji16
     out = tmp_path / conditioning
     summary = main(tiny_args(stage1, data, out, "--conditioning", conditioning, "--max_train_steps", "30",
-                             "--learning_rate", "2e-3", *MODE_ARGS[conditioning]))
+                             "--learning_rate", "2e-3", "--validation_steps", "30", *MODE_ARGS[conditioning]))
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 31))
     first = np.mean([r["loss"] for r in log[:5]])
@@ -116,6 +117,7 @@ def test_caption_dropout_reaches_the_text_encoder(stage1, emoji16, tmp_path, mon
     share = sum(p == "" for p in training) / len(training)
     assert 0.3 < share < 0.7, share
     assert all(p.startswith("an emoji of") for p in training if p)
+    assert not (tmp_path / "o" / "validation").exists()  # --validation_steps 0: no grid, not even at the end
 
 
 def test_ema_is_updated_once_per_optimizer_step_and_saved(stage1, emoji16, tmp_path):

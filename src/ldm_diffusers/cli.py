@@ -19,7 +19,12 @@ import time
 from pathlib import Path
 
 from .conditioning import mode_named, modes
-from .utils.arguments import check_model_path, int_type, non_negative_float, positive_int
+from .utils.arguments import (
+    check_model_path,
+    int_type,
+    non_negative_float,
+    positive_int,
+)
 
 
 def _build_emoji(argv):
@@ -191,7 +196,12 @@ def _train(argv):
 def _evaluate_autoencoder(argv):
     import torch
 
-    from .data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform
+    from .data.transforms import (
+        collate_pixels,
+        image_column_of,
+        load_image_splits,
+        pixel_transform,
+    )
     from .evaluation import evaluate_autoencoder
     from .models.autoencoders import load_autoencoder
 
@@ -295,7 +305,7 @@ def _demo(argv):
     a = p.parse_args(argv)
     check_model_path(p, "--model", a.model)
     if a.push_space is not None:
-        from .demo import push_space
+        from .hub import push_space
 
         try:
             info = push_space(a.push_space, a.model)

@@ -5,7 +5,14 @@ about itself; the registry (:mod:`.registry`) lists them in the order the pipeli
 unconditional fallback last. A new mode is one :func:`register_mode` call.
 """
 
-from .base import Conditioning, ConditioningMode, Encoders, InputError, TrainingColumns, add_argument_once
+from .base import (
+    Conditioning,
+    ConditioningMode,
+    Encoders,
+    InputError,
+    TrainingColumns,
+    add_argument_once,
+)
 from .class_label import ClassEmbedder, ClassMode
 from .layout import LayoutBERTEncoder, LayoutEncoder, LayoutMode
 from .registry import (
@@ -19,7 +26,12 @@ from .registry import (
     register_mode,
     unregister_mode,
 )
-from .spatial import InpaintingMode, SegmentationMode, SpatialRescaler, SuperResolutionMode
+from .spatial import (
+    InpaintingMode,
+    SegmentationMode,
+    SpatialRescaler,
+    SuperResolutionMode,
+)
 from .text import (
     TextMode,
     bert_tokenizer,

@@ -8,15 +8,18 @@ all-padding layout is the null input for classifier-free guidance.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-
-import json
-from pathlib import Path
+from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
+    LDMBertConfig,
+    LDMBertModel,
+)
 
 from ..data.scenes import scene_classes
 from ..utils.arguments import positive_int
@@ -133,7 +136,6 @@ class LayoutBERTEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, vocab_size: int = 8192, max_objects: int = 30, num_classes: int = 601, d_model: int = 1280,
                  num_layers: int = 32):
-        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
         super().__init__()
         if num_classes >= vocab_size:

@@ -30,7 +30,14 @@ from ..utils.arguments import positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
 from . import widgets
 from .base import Conditioning, ConditioningMode, Encoders, add_argument_once
-from .image_inputs import check_divisible, check_image_input, check_rgb, image_tensor, mask_tensor
+from .image_inputs import (
+    check_divisible,
+    check_image_input,
+    check_rgb,
+    image_tensor,
+    mask_tensor,
+)
+
 
 def concat_channels(pipe) -> int:
     """Channels the UNet takes besides z_t, or -1 where it also cross-attends (no spatial mode alone)."""

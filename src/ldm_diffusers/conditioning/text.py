@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from ..utils.arguments import int_type, positive_int
 from . import widgets
@@ -43,14 +44,12 @@ def minilm_path() -> str:
 
 def bert_tokenizer(path: str | None = None):
     """The BERT (uncased WordPiece) tokenizer; by default the bert-base-uncased vocabulary shipped with MiniLM."""
-    from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path or minilm_path())
 
 
 def load_frozen_text_encoder(path: str | None = None):
     """(tokenizer, encoder) of a pretrained ``transformers`` text model, frozen; default MiniLM."""
-    from transformers import AutoModel, AutoTokenizer
 
     path = path or minilm_path()
     encoder = AutoModel.from_pretrained(path).eval()
@@ -67,7 +66,6 @@ def build_text_transformer(
 ):
     """A BERT-style transformer from scratch (paper: 32 layers, width 1280 for LDM-KL-8-G; smaller here by
     default). Output tokens [B, max_length, context_dim]."""
-    from transformers import BertConfig, BertModel
 
     config = BertConfig(
         vocab_size=vocab_size,

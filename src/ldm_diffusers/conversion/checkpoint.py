@@ -21,6 +21,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..utils.checkpoints import CheckpointError
 
@@ -132,7 +133,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     with open(path, "rb") as handle:
         head = handle.read(9)
     if path.suffix == ".safetensors" or (head[8:9] == b"{" and not zipfile.is_zipfile(path)):  # 8-byte size, JSON
-        from safetensors.torch import load_file
 
         try:
             return {"state_dict": load_file(str(path))}

@@ -6,14 +6,31 @@ applies, nothing is imported or instantiated from them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
+    LDMBertConfig,
+    LDMBertModel,
+)
 
-from ..utils.checkpoints import CheckpointError
+from ..conditioning import (
+    ClassEmbedder,
+    LayoutBERTEncoder,
+    SpatialRescaler,
+    bert_tokenizer,
+)
+from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel
+from ..pipelines import LDMPipeline
+from ..schedulers import compvis_ddim_scheduler
+from ..utils.checkpoints import CheckpointError, atomic_directory, publish_directory
+from ..utils.model_cards import _render_card, component_model_card
 from .checkpoint import load_checkpoint, state_dict_of
 from .first_stage import autoencoder_config, convert_first_stage_state_dict
+from .unet import convert_unet_state_dict, unet_config
 
 FIRST_STAGE_TARGETS = ("ldm.models.autoencoder.AutoencoderKL", "ldm.models.autoencoder.VQModel",
                        "ldm.models.autoencoder.VQModelInterface", "taming.models.vqgan.VQModel")
@@ -49,7 +66,6 @@ def load_exactly(model, weights: dict, part: str):
 
 def convert_first_stage(state: dict, params: dict, prefix: str = ""):
     """An ``LDMAutoencoderKL`` / ``LDMVQModel`` with the CompVis first-stage weights under ``prefix`` in ``state``."""
-    from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel
 
     kind, config = autoencoder_config(params)
     model = (LDMVQModel if kind == "vq" else LDMAutoencoderKL)(**config)
@@ -86,9 +102,6 @@ def unet_weights(state: dict, use_ema: bool) -> dict:
 def convert_latent_diffusion(state: dict, params: dict, use_ema: bool = True):
     """An ``LDMPipeline`` from a CompVis ``LatentDiffusion`` checkpoint: first stage with the LDM's scale factor
     (from the checkpoint when ``scale_by_std``, else the config, default 1.0), eps_theta, CompVis' DDIM."""
-    from ..pipelines import LDMPipeline
-    from ..schedulers import compvis_ddim_scheduler
-    from .unet import convert_unet_state_dict, unet_config
 
     encoders = convert_cond_stage(state, params)
     if params.get("beta_schedule", "linear") != "linear":  # CompVis' "linear" is diffusers' "scaled_linear"
@@ -140,16 +153,12 @@ def convert_cond_stage(state: dict, params: dict) -> dict:
     if target == ENCODERS + "ClassEmbedder":
         return {"class_embedder": convert_class_embedder(state, cond_params)}
     if target == ENCODERS + "BERTEmbedder" and cond_params.get("use_tokenizer", True):
-        from ..conditioning import bert_tokenizer
-
         tokenizer = bert_tokenizer()  # bert-base-uncased WordPiece, as CompVis' BERTTokenizer
         tokenizer.model_max_length = cond_params.get("max_seq_len", 77)
         return {"text_encoder": convert_bert_embedder(state, cond_params), "tokenizer": tokenizer}
     if target == ENCODERS + "BERTEmbedder":
         return {"layout_encoder": convert_layout_embedder(state, cond_params)}
     if target == ENCODERS + "SpatialRescaler":
-        from ..conditioning import SpatialRescaler
-
         rescaler = SpatialRescaler(**cond_params)
         own = {k[len("cond_stage_model."):]: v for k, v in state.items() if k.startswith("cond_stage_model.")}
         return {"segmentation_encoder": load_exactly(rescaler, own, "SpatialRescaler")}
@@ -161,7 +170,6 @@ def convert_bert_embedder(state: dict, params: dict):
     """CompVis' BERTEmbedder (an x-transformers encoder: token + learned absolute position embeddings, pre-norm
     layers of 8 heads x 64 whatever the width, GELU feed-forward 4 x width, final LayerNorm, no attention mask) as
     diffusers' ``LDMBertModel``, the same architecture diffusers uses for CompVis' text2im repository."""
-    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 
     return load_exactly(LDMBertModel(bert_embedder_config(state, params)), bert_embedder_weights(state, params),
                         "BERTEmbedder")
@@ -170,7 +178,6 @@ def convert_bert_embedder(state: dict, params: dict):
 def bert_embedder_config(state: dict, params: dict):
     """The ``LDMBertConfig`` of a checkpoint's BERTEmbedder (widths from its config, vocabulary and positions from
     its embedding tables)."""
-    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
 
     width = params.get("n_embed", 1280)
     return LDMBertConfig(vocab_size=state["cond_stage_model.transformer.token_emb.weight"].shape[0], d_model=width,
@@ -207,7 +214,6 @@ def bert_embedder_weights(state: dict, params: dict) -> dict:
 
 def convert_layout_embedder(state: dict, params: dict):
     """CompVis' layout BERTEmbedder (no tokenizer; taming's bounding-box tokens) as ``LayoutBERTEncoder``."""
-    from ..conditioning import LayoutBERTEncoder
 
     config = bert_embedder_config(state, params)
     if config.max_position_embeddings % 3 != 2:
@@ -222,7 +228,6 @@ def convert_layout_embedder(state: dict, params: dict):
 def convert_class_embedder(state: dict, params: dict):
     """CompVis' ClassEmbedder (``nn.Embedding(n_classes, D)``, one token) as ours. cin256-v2's 1001 classes are 1000
     and the null class 1000 it was trained to drop labels to; cin256's 1000 have no null class (no guidance)."""
-    from ..conditioning import ClassEmbedder
 
     weight = state["cond_stage_model.embedding.weight"]
     n_classes = params.get("n_classes", weight.shape[0])
@@ -237,13 +242,8 @@ def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config
     """``save_pretrained`` of a converted autoencoder or ``LDMPipeline`` into ``output_dir`` (written aside, then
     renamed into place), with a model card naming the source checkpoint (and its sha256), the config, the paper and
     which of the checkpoint's weights were taken."""
-    import hashlib
 
-    import torch
-    from diffusers import DiffusionPipeline
 
-    from ..utils.checkpoints import atomic_directory, publish_directory
-    from ..utils.model_cards import _render_card, component_model_card
 
     output_dir = Path(output_dir)
     digest = hashlib.sha256()
@@ -255,9 +255,7 @@ def save_converted(model, output_dir: str | os.PathLike, checkpoint_path, config
     tmp = atomic_directory(output_dir)
     model.to(dtype or torch.float32).save_pretrained(tmp, safe_serialization=True)
     if isinstance(model, DiffusionPipeline):
-        from ..hub import pipeline_task
-
-        conditioning, tag, _ = pipeline_task(model)
+        conditioning, tag = model.mode.conditioned_on, model.mode.pipeline_tag
         parts = [(name, type(part).__name__) for name, part in model.components.items() if part is not None]
         card = _render_card(
             "converted.md", output_dir.name, pipeline_tag=tag, tags=["compvis", "converted", "diffusers:LDMPipeline"],

@@ -6,11 +6,21 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 
-from ..conditioning import ClassEmbedder, LayoutBERTEncoder, SpatialRescaler, bert_tokenizer
+from ..conditioning import (
+    ClassEmbedder,
+    LayoutBERTEncoder,
+    SpatialRescaler,
+    bert_tokenizer,
+)
 from ..conditioning.text import MAX_LENGTH
 from ..models.autoencoders import is_vq_config, latent_scaling_factor
 from ..models.unet import unet_cross_attends
-from .compvis import ENCODERS, bert_embedder_config, bert_embedder_names, convert_class_embedder
+from .compvis import (
+    ENCODERS,
+    bert_embedder_config,
+    bert_embedder_names,
+    convert_class_embedder,
+)
 from .config_checks import check_config
 
 

@@ -10,7 +10,9 @@ placed or reported.
 from __future__ import annotations
 
 import torch
+from diffusers import UNet2DModel
 
+from ..models.unet import LDMUNet2DConditionModel, LDMUNet2DModel
 from ..utils.checkpoints import CheckpointError
 
 RESBLOCK_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
@@ -34,9 +36,7 @@ def unet_config(p: dict) -> tuple[type, dict]:
     """(class, constructor kwargs) of the diffusers UNet for a CompVis ``unet_config.params`` section:
     ``LDMUNet2DConditionModel`` with SpatialTransformers, else ``UNet2DModel`` (``LDMUNet2DModel`` where the head width
     differs between levels)."""
-    from diffusers import UNet2DModel
 
-    from ..models.unet import LDMUNet2DConditionModel, LDMUNet2DModel
 
     widths = [p["model_channels"] * m for m in p["channel_mult"]]
     attention = _attention_levels(p)

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
 from ..utils.checkpoints import atomic_directory, publish_directory
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -72,7 +74,6 @@ def _slug(text: str) -> str:
 def render_emoji_rgba(char: str, resolution: int, font=None):
     """One emoji as an RGBA PIL image of resolution x resolution on a transparent background; None if
     the font draws it as several glyphs (sequences it does not support)."""
-    from PIL import Image, ImageDraw, ImageFont
 
     font = font or ImageFont.truetype(str(FONT_PATH), NATIVE_SIZE)
     if font.getlength(char) > 1.5 * CANVAS:
@@ -90,7 +91,6 @@ def render_emoji_rgba(char: str, resolution: int, font=None):
 def render_emoji(char: str, resolution: int, font=None):
     """One emoji as an RGB PIL image of resolution x resolution, composited on white; None if the
     font draws it as several glyphs (sequences it does not support)."""
-    from PIL import Image
 
     glyph = render_emoji_rgba(char, CANVAS, font)
     if glyph is None:
@@ -131,7 +131,6 @@ def build_emoji_dataset(
     emoji_test_path: str | os.PathLike = EMOJI_TEST_PATH,
 ) -> Path:
     """Render the emoji imagefolder (once; later calls with the same settings reuse it) and return its path."""
-    from PIL import ImageFont
 
     if not Path(font_path).is_file():
         raise FileNotFoundError(f"Noto Color Emoji font not found at '{font_path}'. Install it with `{INSTALL_HINT}`.")

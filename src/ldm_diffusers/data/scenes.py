@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageFont
 
 from ..utils.checkpoints import atomic_directory, publish_directory
 from .emoji import (
@@ -78,7 +79,6 @@ def build_scene_dataset(
 ) -> Path:
     """Render the scenes (once per setting) into a ``datasets`` folder with train and validation splits."""
     from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
-    from PIL import ImageFont
 
     if not FONT_PATH.is_file():
         raise FileNotFoundError(f"Noto Color Emoji font not found at '{FONT_PATH}'. Install it with `{INSTALL_HINT}`.")

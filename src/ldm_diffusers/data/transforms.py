@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .emoji import load_emoji_dataset
+from .scenes import load_scene_dataset
+
 
 def _crop_geometry(size: tuple[int, int], resolution: int, center_crop: bool, rng=random):
     """(resized width, resized height, left, top) for "resize the shorter side, then crop"; a random crop draws
@@ -77,12 +80,8 @@ def load_image_splits(
         else:
             data = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
     elif dataset_name in (None, "emoji", "builtin:emoji"):
-        from .emoji import load_emoji_dataset
-
         data = load_emoji_dataset(resolution=resolution)
     elif dataset_name in ("emoji-scenes", "builtin:emoji-scenes"):
-        from .scenes import load_scene_dataset
-
         data = load_scene_dataset(resolution=resolution)
     else:
         data = load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)

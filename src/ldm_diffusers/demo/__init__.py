@@ -4,11 +4,10 @@ Each conditioning mode builds its own input widgets (``ConditioningMode.demo_inp
 :mod:`ldm_diffusers.conditioning.widgets`); this package holds what every mode shares:
 
 * :mod:`.generation`: the pipeline call and the ``ldm-diffusers generate`` command that reproduces it;
-* :mod:`.app`: the Gradio app (``pip install 'ldm-diffusers[demo]'``);
-* :mod:`.space`: a Hugging Face Space folder that runs the app for a model on the Hub, and its upload.
+* :mod:`.app`: the Gradio app (``pip install 'ldm-diffusers[demo]'``); the Space that serves it is
+  :mod:`ldm_diffusers.hub.space`.
 """
 
 from .generation import Settings, generate_command, run, write_inputs
-from .space import push_space, space_files
 
-__all__ = ["Settings", "generate_command", "push_space", "run", "space_files", "write_inputs"]
+__all__ = ["Settings", "generate_command", "run", "write_inputs"]

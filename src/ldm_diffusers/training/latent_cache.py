@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.transforms import collate_examples
+from ..models.autoencoders import encode_latent_moments
 from ..utils.checkpoints import discard_directory, publish_directory
 
 logger = logging.getLogger(__name__)
@@ -77,21 +78,6 @@ def weights_digest(*modules: torch.nn.Module | None) -> str:
 
 def cache_key(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in float32, or float64 if it is that already (half-precision results are upcast, a float64
-    run stays float64)."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-@torch.no_grad()
-def encode_latent_moments(vae, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    """KL: {"latent_mean", "latent_std"}; VQ: {"latents"} (pre-quantisation), all [B, c, h, w] unscaled."""
-    out = vae.encode(pixel_values.to(vae.device, vae.dtype))
-    if hasattr(out, "latent_dist"):
-        return {"latent_mean": at_least_float32(out.latent_dist.mean), "latent_std": at_least_float32(out.latent_dist.std)}
-    return {"latents": at_least_float32(out.latents)}
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -399,18 +385,7 @@ def build_latent_cache(
     With the defaults (one process) it needs no barrier. ``latent_dtype`` ("float16"): store the latent moments
     in that type (half the disk and page cache; training then reads rounded moments). ``num_workers``: data
     loader workers that decode and transform the rows being encoded."""
-    if not mode.cacheable:
-        raise ValueError(
-            f"The {mode.name} mode cannot train from a latent cache: every step draws a new random mask and "
-            "needs a fresh stage-1 encoding of the masked image. Drop --cache_latents."
-        )
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
-    if world_size > 1 and barrier is None:
-        raise ValueError("Building a latent cache on several processes needs a barrier "
-                         "(accelerator.wait_for_everyone).")
-    if shard_rows < 1:
-        raise ValueError(f"shard_rows must be positive, not {shard_rows}.")
+    _check_build(mode, rank, world_size, barrier, shard_rows)
     barrier = barrier or _no_barrier
     key = cache_key(settings if latent_dtype is None else {**settings, "latent_dtype": latent_dtype})
     cache_dir = Path(cache_dir)
@@ -431,23 +406,7 @@ def build_latent_cache(
     build = {"key": key, "rows": rows, "shard_rows": shard_rows}
     barrier()  # every process has looked at the old folder before anyone touches it
     if rank == 0:
-        if path.exists():
-            discard_directory(path)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale(cache_dir, keep=staging)  # folders of other builds that were killed half-way
-        staging.mkdir(exist_ok=True)
-        _remove_stale(staging)  # shards this build's killed predecessor left half-written
-        kept = 0
-        for s, name in enumerate(names):
-            if (staging / name).exists():
-                if _finished_shard(staging / name, {**build, "start": layout[s][0], "stop": layout[s][1]}) is None:
-                    shutil.rmtree(staging / name)
-                else:
-                    kept += 1
-        for extra in {p.name for p in staging.iterdir()} - set(names):
-            shutil.rmtree(staging / extra) if (staging / extra).is_dir() else (staging / extra).unlink()
-        if kept:
-            logger.info("Reusing %d finished shard(s) of an interrupted build of %s.", kept, path)
+        _prepare_staging(cache_dir, path, staging, build, layout, names)
     barrier()
 
     seed = int(key, 16)
@@ -475,6 +434,43 @@ def build_latent_cache(
     if problem is not None:
         raise RuntimeError(f"The latent cache {path} built by {world_size} process(es) is unusable: {problem}.")
     return LatentCacheDataset(path)
+
+
+def _check_build(mode, rank: int, world_size: int, barrier, shard_rows: int) -> None:
+    if not mode.cacheable:
+        raise ValueError(
+            f"The {mode.name} mode cannot train from a latent cache: every step draws a new random mask and "
+            "needs a fresh stage-1 encoding of the masked image. Drop --cache_latents."
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
+    if world_size > 1 and barrier is None:
+        raise ValueError("Building a latent cache on several processes needs a barrier "
+                         "(accelerator.wait_for_everyone).")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be positive, not {shard_rows}.")
+
+
+def _prepare_staging(cache_dir: Path, path: Path, staging: Path, build: dict, layout, names) -> None:
+    """On rank 0: the unusable old cache removed, the staging folder ready, an interrupted build's finished
+    shards kept and everything else in it removed."""
+    if path.exists():
+        discard_directory(path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale(cache_dir, keep=staging)  # folders of other builds that were killed half-way
+    staging.mkdir(exist_ok=True)
+    _remove_stale(staging)  # shards this build's killed predecessor left half-written
+    kept = 0
+    for s, name in enumerate(names):
+        if (staging / name).exists():
+            if _finished_shard(staging / name, {**build, "start": layout[s][0], "stop": layout[s][1]}) is None:
+                shutil.rmtree(staging / name)
+            else:
+                kept += 1
+    for extra in {p.name for p in staging.iterdir()} - set(names):
+        shutil.rmtree(staging / extra) if (staging / extra).is_dir() else (staging / extra).unlink()
+    if kept:
+        logger.info("Reusing %d finished shard(s) of an interrupted build of %s.", kept, path)
 
 
 def _publish(staging: Path, path: Path, settings: dict, build: dict, layout, names) -> None:

@@ -8,7 +8,6 @@ step>; loop.step_done(); <logging, EMA>; loop.checkpoint_if_due(); <validation>`
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -16,6 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
 from .checkpointing import StopRequest, resume, save_checkpoint
@@ -25,27 +28,9 @@ logger = logging.getLogger(__name__)
 ADAM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
 
-def add_speed_arguments(group: argparse._ArgumentGroup) -> None:
-    """The one-switch speed flags both training scripts take."""
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the trained network once (fullgraph, static shapes) and the frozen "
-                            "encoders that run every step (inductor freezing). Compile time is logged.")
-    group.add_argument("--channels_last", action="store_true",
-                       help="Keep convolution weights and activations channels-last (faster convolutions on "
-                            "recent GPUs and with oneDNN).")
-    group.add_argument("--adam_implementation", choices=ADAM_IMPLEMENTATIONS, default="auto",
-                       help="torch's Adam kernel: 'fused' (one kernel for all parameters), 'foreach' (grouped "
-                            "tensor ops) or 'for-loop'; 'auto': fused where torch has it for the device.")
-    group.add_argument("--dataloader_prefetch_factor", type=int, default=None,
-                       help="Batches each data worker loads ahead (with --dataloader_num_workers > 0; torch's "
-                            "default 2).")
-
-
 def make_accelerator(args, output_dir: Path, logging_dir: str):
     """``Accelerator`` with the run's accumulation, precision, trackers and a seedable sampler; seeds
     every RNG with ``args.seed`` and sets up logging."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -91,7 +76,6 @@ def adam_kwargs(implementation: str, params: list[torch.Tensor]) -> dict:
         return {"foreach": False}
     if implementation == "foreach":
         return {"foreach": True}
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
     device = params[0].device.type if params else "cpu"
     supported = device in _get_fused_kernels_supported_devices() and all(p.is_floating_point() for p in params)
@@ -109,7 +93,6 @@ def lr_scale(args, accelerator) -> int:
 def lr_schedule(args, accelerator, optimizer, batches_per_epoch: int):
     """diffusers' ``--lr_scheduler`` over the run's optimisation steps; sets ``args.max_train_steps`` from
     ``--num_train_epochs`` (``batches_per_epoch``: the loader's batches per process)."""
-    from diffusers.optimization import get_scheduler
 
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps / accelerator.num_processes)
     if args.num_train_epochs:

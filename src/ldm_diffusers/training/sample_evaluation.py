@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import make_image_grid
 
-from ..data.transforms import collate_examples
+from ..data.transforms import collate_examples, tensor_to_pil
+from ..evaluation import extract_features, feature_metrics
+from ..evaluation.inception import inception_weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ def load_samples(path: Path) -> torch.Tensor:
 
 
 def fid_network_available() -> bool:
-    from ..evaluation.inception import inception_weights_path
-
     try:
         inception_weights_path()
     except FileNotFoundError:
@@ -96,7 +97,6 @@ class SampleEvaluation:
         save_samples(Path(output_dir) / "eval_samples" / f"step-{step:06d}.npz", to_uint8(fake))
         if not self.score:
             return {}
-        from ..evaluation import extract_features, feature_metrics
 
         if self.real_features is None:
             self.real_features = extract_features(self.real, show_progress=False)
@@ -107,7 +107,6 @@ class SampleEvaluation:
 def score_saved_samples(sample_dir: Path, real: torch.Tensor, real_features=None) -> dict[int, dict]:
     """FID / precision / recall of every ``step-*.npz`` in ``sample_dir`` against ``real`` ([N, 3, H, W] in [0, 1]
     or uint8); returns {step: scores}."""
-    from ..evaluation import extract_features, feature_metrics
 
     if real_features is None:
         real_features = extract_features(real, desc="Inception features (real)")
@@ -116,3 +115,40 @@ def score_saved_samples(sample_dir: Path, real: torch.Tensor, real_features=None
         step = int(path.stem.split("-")[1])
         results[step] = feature_metrics(real_features, extract_features(load_samples(path), desc=f"Inception features ({path.name})"))
     return results
+
+
+class ValidationSet:
+    """Fixed inputs for validation grids: prompts, class labels or the first validation rows' inputs."""
+
+    def __init__(self, args, mode, columns, val_ds):
+        self.args, self.mode = args, mode
+        n = min(args.num_validation_images, len(val_ds))
+        self.references, self.values, self.guidance = fixed_validation_inputs(args, mode, columns, val_ds, n)
+        given = mode.validation_values(args)
+        if given is not None:
+            self.values, self.references = given, None
+        self.batch = n
+
+    def run(self, accelerator, pipe, output_dir: Path, step: int) -> Path:
+        pipe.set_progress_bar_config(disable=True)
+        generator = torch.Generator(device="cpu").manual_seed(self.args.seed)
+        kwargs = dict(self.values) if self.values else {"batch_size": self.batch}
+        with torch.no_grad():
+            images = pipe(**kwargs, num_inference_steps=self.args.validation_inference_steps,
+                          guidance_scale=self.guidance, generator=generator, output_type="pt").images
+        samples = tensor_to_pil(images * 2 - 1)
+        rows = [samples]
+        if self.references is not None:
+            rows.insert(0, tensor_to_pil(self.references))
+        grid = make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(samples))
+        folder = output_dir / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"samples-{step:06d}.png"
+        grid.save(path)
+        captions = self.values.get("prompt")
+        if captions:
+            (folder / "prompts.txt").write_text("\n".join(captions) + "\n")
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation/samples", np.asarray(grid), step, dataformats="HWC")
+        return path

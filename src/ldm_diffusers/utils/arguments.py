@@ -8,6 +8,7 @@ import argparse
 import math
 from pathlib import Path
 
+from ..pretrained import MODELS, PREFIX
 from .checkpoints import missing_local_folder
 
 
@@ -68,8 +69,6 @@ def check_model_path(parser: argparse.ArgumentParser, flag: str, value: str | No
     if value is None:
         return
     if value.startswith("builtin:"):
-        from ..pretrained import MODELS, PREFIX
-
         if value[len(PREFIX):] not in MODELS:
             parser.error(f"{flag} {value}: unknown built-in model; built-in models: {', '.join(PREFIX + m for m in MODELS)}.")
         return

@@ -13,9 +13,12 @@ import uuid
 from contextlib import nullcontext
 from pathlib import Path
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
-from .hub_errors import hub_download_errors
+from .hub_download import hub_download_errors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -35,8 +38,6 @@ def missing_local_folder(name: str) -> bool:
     """Whether ``name`` (not an existing folder) can only mean a local path: it is not a valid Hub id
     ("name" or "org/name"), it exists as a file, or its parent folder exists here (``outputs/ldm`` when
     ``outputs/`` exists: a mistyped or unsaved model folder, not a Hub repository)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
     path = Path(name).expanduser()
     if path.exists() or (path.parent != Path(".") and path.parent.is_dir()):
@@ -51,8 +52,6 @@ def missing_local_folder(name: str) -> bool:
 def read_config(path, subfolder=None) -> dict:
     folder = _local_folder(path, subfolder)
     if folder is None:
-        from huggingface_hub import hf_hub_download
-
         with hub_download_errors(str(path), subfolder=subfolder):
             return json.loads(Path(hf_hub_download(str(path), "config.json", subfolder=subfolder)).read_text())
     config_file = folder / "config.json"

@@ -2,13 +2,15 @@
 
 Low level on purpose: models and conditioning encoders take :class:`ComponentCardMixin` from here, and it
 imports none of them; each component describes itself in ``_card_details``. The pipeline-level cards and
-uploads are in :mod:`ldm_diffusers.hub`, above the models.
+uploads are in :mod:`ldm_diffusers.hub`, above the pipeline.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
 
 TEMPLATE_DIRS = (
     # a source checkout / editable install: <repo>/model_cards/templates
@@ -40,7 +42,6 @@ def _render_card(template: str, repo_id: str, *, pipeline_tag: str | None, tags:
     """A ``huggingface_hub.ModelCard`` from ``model_cards/templates/<template>``, with the Hub metadata every
     card here shares (diffusers library, ldm-diffusers / latent-diffusion tags; Apache-2.0 unless the weights
     come under another license)."""
-    from huggingface_hub import ModelCard, ModelCardData
 
     card_data = ModelCardData(library_name="diffusers", license=license, pipeline_tag=pipeline_tag,
                               tags=["ldm-diffusers", "latent-diffusion", *tags], datasets=datasets,

@@ -1,16 +1,27 @@
-"""Errors of downloads from the Hub that say which repository, revision and server were asked and what to do.
+"""Downloads from the Hub: a pipeline's snapshot (safetensors and configs only), and errors that say which
+repository, revision and server were asked and what to do.
 
 Low level on purpose (it imports nothing else from ldm_diffusers), so that model loading
-(:mod:`ldm_diffusers.utils.checkpoints`) and the pipeline downloads in :mod:`ldm_diffusers.hub` share it.
+(:mod:`ldm_diffusers.utils.checkpoints`) and ``LDMPipeline.from_pretrained`` share it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 
 class HubLoadError(OSError):
@@ -39,15 +50,6 @@ def hub_download_errors(repo_id: str, revision: str | None = None, cache_dir=Non
     """Around downloads of ``repo_id``: an error says which repository, revision and server were asked and what
     to do (``HubLoadError``), and snapshot folders this download created are removed, so that a half-filled one
     is never taken for the whole model by a later ``HF_HUB_OFFLINE=1`` / ``local_files_only=True`` load."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     cache = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     snapshots = cache / "snapshots"
     existing = set(snapshots.iterdir()) if snapshots.is_dir() else set()
@@ -87,3 +89,39 @@ def hub_download_errors(repo_id: str, revision: str | None = None, cache_dir=Non
         else:
             message = f"Downloading {where} failed ({type(cause).__name__}: {cause}). Nothing partial was kept; try again."
         raise HubLoadError(message) from err
+
+
+def _incomplete_components(folder: Path) -> list[str]:
+    """Components that model_index.json lists but the downloaded folder lacks (or lacks weights for)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    missing = []
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        component = folder / name
+        if not component.is_dir() or not any(component.iterdir()):
+            missing.append(f"{name}/")
+        elif (component / "config.json").is_file() and not any(component.glob("*.safetensors")):
+            missing.append(f"{name}/*.safetensors")
+    return missing
+
+
+def download_pipeline(repo_id: str, ignore_patterns: list[str], revision: str | None = None, **kwargs) -> Path:
+    """``snapshot_download`` of a pipeline repository into the Hub cache, returning its folder; errors as in
+    :func:`hub_download_errors`, and a repository that lacks a listed component (or its weights) is refused."""
+    with hub_download_errors(repo_id, revision, kwargs.get("cache_dir")) as where:
+        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=ignore_patterns, **kwargs))
+        if not (folder / "model_index.json").is_file():
+            raise HubLoadError(
+                f"{where} has no model_index.json, so it is not a saved pipeline. Load a single component with its "
+                f"class and subfolder (e.g. LDMUNet2DConditionModel.from_pretrained('{repo_id}', subfolder='unet')), "
+                "or push a whole pipeline with LDMPipeline.push_to_hub."
+            )
+        missing = _incomplete_components(folder)
+        if missing:
+            raise HubLoadError(
+                f"{where} is incomplete: model_index.json lists components whose files are not in the repository "
+                f"({', '.join(missing)}). Push the whole pipeline again with LDMPipeline.push_to_hub (safetensors "
+                "only: pickle weights are not downloaded)."
+            )
+        return folder

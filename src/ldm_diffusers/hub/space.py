@@ -1,21 +1,26 @@
 """A Hugging Face Space (Gradio SDK) that serves the web demo for a model: ``app.py``, ``requirements.txt`` and
 a README with the Space's metadata. ``examples/app.py`` is the app written for the built-in model.
 
-    push_space("org/my-ldm-demo", "org/my-ldm")   # ldm-diffusers demo --model org/my-ldm --push_space org/my-ldm-demo
-    pipe.push_to_hub("org/my-ldm", space=True)    # the model, then its Space "org/my-ldm-demo"
+    pipe.push_to_hub("org/my-ldm")                  # the model first
+    push_space("org/my-ldm-demo", "org/my-ldm")   # then its Space; or: ldm-diffusers demo --model org/my-ldm --push_space org/my-ldm-demo
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
+
+from huggingface_hub import create_repo, upload_folder
+
+from .cards import hub_base_model
 
 SDK_VERSION = "6.31.0"  # the Gradio version the demo is tested with (setup.cfg's `demo` extra)
 
 APP = '''"""A Hugging Face Space: the ldm-diffusers web demo for {model}.
 
-Written by ldm_diffusers.demo.space_files; run it anywhere with `python app.py` (pip install 'ldm-diffusers[demo]').
+Written by ldm_diffusers.hub.space_files; run it anywhere with `python app.py` (pip install 'ldm-diffusers[demo]').
 """
 
 import torch
@@ -55,8 +60,6 @@ conditioning mode, sampler, steps, guidance, seed and number of images, and unde
 
 def check_space_model(model: str) -> None:
     """A Space can load a Hub id or a built-in model, not a folder on this machine."""
-    from ..hub import hub_base_model
-
     if not model.startswith("builtin:") and hub_base_model(model) is None:
         raise ValueError(f"A Space cannot load '{model}' (a local folder or not a Hub id 'org/name'): push the "
                          "model first (LDMPipeline.push_to_hub) and give its Hub id, or a builtin: model.")
@@ -66,13 +69,11 @@ def space_files(model: str, requirement: str | None = None) -> dict[str, str]:
     """{file name: text} of the Space for ``model`` (a Hub id or ``builtin:`` name). ``requirement``: the
     requirements.txt line that installs ldm-diffusers there (default: this version from PyPI with the demo extra;
     e.g. ``ldm-diffusers[demo] @ git+https://...`` for an unreleased one)."""
-    from .. import __version__
-
     check_space_model(model)
     hub = not model.startswith("builtin:")
     return {
         "app.py": APP.format(model=model, model_literal=json.dumps(model)),
-        "requirements.txt": (requirement or f"ldm-diffusers[demo]=={__version__}") + "\n",
+        "requirements.txt": (requirement or f"ldm-diffusers[demo]=={version('ldm-diffusers')}") + "\n",
         "README.md": README.format(title=f"{model.split('/')[-1].split(':')[-1]} demo", sdk_version=SDK_VERSION,
                                    model=model, models=f"models:\n- {model}\n" if hub else ""),
     }
@@ -82,8 +83,6 @@ def push_space(space_id: str, model: str, token: str | None = None, private: boo
                requirement: str | None = None):
     """Create the Space ``space_id`` (Gradio SDK) if needed and upload :func:`space_files` for ``model``.
     Returns huggingface_hub's ``CommitInfo``."""
-    from huggingface_hub import create_repo, upload_folder
-
     files = space_files(model, requirement)
     space_id = create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, token=token,
                            exist_ok=True).repo_id
