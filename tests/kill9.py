@@ -22,7 +22,7 @@ PRELOAD = ["torch", "diffusers", "accelerate", "datasets", "ldm_diffusers.traini
            "ldm_diffusers.training.autoencoder", "kill9"]
 AUDITED = {"open", "os.mkdir", "os.rename", "os.remove", "shutil.rmtree"}
 
-# What a run is writing, told by the temporary folders and the marker it makes (see utils/checkpoints.py).
+# What a run is writing, told by the temporary folders and the marker it makes (see utils/model_files.py).
 WRITES = {
     "checkpoint": lambda out: list(out.glob(".checkpoint-*.tmp")),
     "latent cache": lambda out: list(out.glob("latent_cache/.*.tmp-*")),

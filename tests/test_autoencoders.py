@@ -6,7 +6,7 @@ from conftest import tiny_kl, tiny_vq
 from diffusers import AutoencoderKL, VQModel
 
 from ldm_diffusers import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
-from ldm_diffusers.utils.checkpoints import CheckpointError
+from ldm_diffusers.utils.model_files import CheckpointError
 
 
 @pytest.mark.parametrize("f", [1, 2, 4, 8, 16, 32])

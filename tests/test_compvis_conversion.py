@@ -21,7 +21,7 @@ from ldm_diffusers.conversion import (
     Placeholder,
     UnsafeCheckpointError,
     convert_compvis_checkpoint,
-    load_checkpoint,
+    load_compvis_ckpt,
     state_dict_of,
 )
 from ldm_diffusers.conversion.first_stage import first_stage_key
@@ -91,7 +91,7 @@ def test_unknown_first_stage_keys_are_errors_and_training_keys_are_dropped():
 
 # -- safe loading --------------------------------------------------------------------------------------------------
 def test_the_lightning_container_loads_without_lightning(checkpoints):
-    checkpoint = load_checkpoint(checkpoints / "kl-f4.ckpt")
+    checkpoint = load_compvis_ckpt(checkpoints / "kl-f4.ckpt")
     (callback, state), = checkpoint["callbacks"].items()
     assert issubclass(callback, Placeholder) and callback._global.endswith("ModelCheckpoint")
     assert state["monitor"] == "val/rec_loss" and isinstance(state["best_model_score"], torch.Tensor)
@@ -124,12 +124,12 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(checkpoints, t
     payload = pickle.dumps({"state_dict": {}, "x": _Exploit(func, command)}, protocol=4)
     crafted = _with_pickle(checkpoints / "kl-f4.ckpt", tmp_path / "evil.ckpt", payload)
     with pytest.raises(UnsafeCheckpointError, match=f"{global_name}.*refused, nothing was executed"):
-        load_checkpoint(crafted)
+        load_compvis_ckpt(crafted)
     with pytest.raises(UnsafeCheckpointError):
         convert_compvis_checkpoint(crafted, FIXTURES / "kl-f4" / "config.yaml")
     old_names = pickle.dumps({"x": _Exploit(func, command)}, protocol=2)  # Python 2 names: __builtin__, commands
     with pytest.raises(UnsafeCheckpointError):
-        load_checkpoint(_with_pickle(checkpoints / "kl-f4.ckpt", tmp_path / "evil2.ckpt", old_names))
+        load_compvis_ckpt(_with_pickle(checkpoints / "kl-f4.ckpt", tmp_path / "evil2.ckpt", old_names))
     assert not marker.exists()
 
 
@@ -137,12 +137,12 @@ def test_truncated_missing_and_non_checkpoint_files_get_clear_errors(checkpoints
     whole = (checkpoints / "kl-f4.ckpt").read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        load_checkpoint(tmp_path / "cut.ckpt")
+        load_compvis_ckpt(tmp_path / "cut.ckpt")
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="not a torch checkpoint"):
-        load_checkpoint(tmp_path / "notes.ckpt")
+        load_compvis_ckpt(tmp_path / "notes.ckpt")
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
-        load_checkpoint(tmp_path / "absent.ckpt")
+        load_compvis_ckpt(tmp_path / "absent.ckpt")
     with pytest.raises(FileNotFoundError, match="No config"):
         convert_compvis_checkpoint(checkpoints / "kl-f4.ckpt", tmp_path / "absent.yaml")
     (tmp_path / "other.yaml").write_text("model:\n  target: some.other.Model\n")
@@ -151,7 +151,7 @@ def test_truncated_missing_and_non_checkpoint_files_get_clear_errors(checkpoints
 
 
 def test_a_safetensors_checkpoint_converts_the_same(checkpoints, tmp_path):
-    tensors = state_dict_of(load_checkpoint(checkpoints / "vq-f8.ckpt"))
+    tensors = state_dict_of(load_compvis_ckpt(checkpoints / "vq-f8.ckpt"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "vq-f8.safetensors")
     a = convert_compvis_checkpoint(checkpoints / "vq-f8.ckpt", FIXTURES / "vq-f8" / "config.yaml")
     b = convert_compvis_checkpoint(tmp_path / "vq-f8.safetensors", FIXTURES / "vq-f8" / "config.yaml")

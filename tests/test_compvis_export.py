@@ -21,7 +21,7 @@ from ldm_diffusers import (
     export_compvis_checkpoint,
     ldm_scheduler,
 )
-from ldm_diffusers.conversion import load_checkpoint, read_compvis_config, state_dict_of
+from ldm_diffusers.conversion import load_compvis_ckpt, read_compvis_config, state_dict_of
 from ldm_diffusers.conversion.export import attention_heads_per_level, compvis_heads
 from ldm_diffusers.conversion.unet import attention_heads
 
@@ -119,9 +119,9 @@ def test_export_then_convert_gives_the_model_back(name, compvis_checkpoints, tmp
     checkpoint, config = export_compvis_checkpoint(model, tmp_path / "model.ckpt", tmp_path / "model.yaml")
     assert_same_model(convert_compvis_checkpoint(checkpoint, config), model)
 
-    exported = load_checkpoint(checkpoint)
+    exported = load_compvis_ckpt(checkpoint)
     assert set(exported) == {"state_dict", "global_step"}
-    fixture = state_dict_of(load_checkpoint(compvis_checkpoints / f"{name}.ckpt"))
+    fixture = state_dict_of(load_compvis_ckpt(compvis_checkpoints / f"{name}.ckpt"))
     ema = any(key.startswith("model_ema.") for key in fixture)
     expected = {key for key in fixture if not key.startswith(("model_ema.", "loss.")) and key != "scale_factor"}
     assert set(exported["state_dict"]) == expected

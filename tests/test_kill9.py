@@ -126,7 +126,7 @@ def test_a_folder_whose_save_was_interrupted_is_refused(tmp_path):
     from conftest import tiny_kl
 
     from ldm_diffusers import LDMAutoencoderKL
-    from ldm_diffusers.utils.checkpoints import PUBLISHING_MARKER, CheckpointError, atomic_directory, publish_into
+    from ldm_diffusers.utils.model_files import PUBLISHING_MARKER, CheckpointError, atomic_directory, publish_into
 
     out = tmp_path / "model"
     tmp = atomic_directory(out)

@@ -290,7 +290,7 @@ def test_stop_signal_saves_a_checkpoint_and_the_pipeline(stage1, emoji16, tmp_pa
     import os
     import signal
 
-    from ldm_diffusers.training.checkpointing import StopRequest
+    from ldm_diffusers.training.run_checkpoints import StopRequest
 
     calls = []
 

@@ -26,9 +26,9 @@ from ..conditioning import (
 from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel
 from ..pipelines import LDMPipeline
 from ..schedulers import compvis_ddim_scheduler
-from ..utils.checkpoints import CheckpointError, atomic_directory, publish_directory
+from ..utils.model_files import CheckpointError, atomic_directory, publish_directory
 from ..utils.model_cards import _render_card, component_model_card
-from .checkpoint import load_checkpoint, state_dict_of
+from .ckpt_loader import load_compvis_ckpt, state_dict_of
 from .first_stage import autoencoder_config, convert_first_stage_state_dict
 from .unet import convert_unet_state_dict, unet_config
 
@@ -279,7 +279,7 @@ def convert_compvis_checkpoint(checkpoint_path: str | os.PathLike, config_path: 
     ``use_ema`` selects the EMA weights of a latent-diffusion checkpoint where it has them."""
     config = read_compvis_config(config_path)
     target, params = config["model"]["target"], config["model"].get("params") or {}
-    state = state_dict_of(load_checkpoint(checkpoint_path))
+    state = state_dict_of(load_compvis_ckpt(checkpoint_path))
     if target in FIRST_STAGE_TARGETS:
         return convert_first_stage(state, params)
     if target in LATENT_DIFFUSION_TARGETS:

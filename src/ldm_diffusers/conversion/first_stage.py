@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from ..utils.checkpoints import CheckpointError
+from ..utils.model_files import CheckpointError
 
 # Training-only weights in released first-stage checkpoints (LPIPS, discriminator, KL log-variance).
 IGNORED_PREFIXES = ("loss.",)

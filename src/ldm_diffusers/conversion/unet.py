@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ..models.unet import LDMUNet2DConditionModel, LDMUNet2DModel
-from ..utils.checkpoints import CheckpointError
+from ..utils.model_files import CheckpointError
 
 RESBLOCK_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFont
 
-from ..utils.checkpoints import atomic_directory, publish_directory
+from ..utils.model_files import atomic_directory, publish_directory
 from .emoji import (
     EMOJI_TEST_PATH,
     FONT_PATH,

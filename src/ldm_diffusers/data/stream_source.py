@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils.checkpoints import missing_local_folder
+from ..utils.model_files import missing_local_folder
 
 BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}  # shard suffix -> the datasets module that reads it
 INDEX_STRIDE = 1 << 32  # index = shard * INDEX_STRIDE + row where shard lengths are unknown (webdataset)

@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 
-from ..utils.checkpoints import read_config, safe_from_pretrained
+from ..utils.model_files import read_config, safe_from_pretrained
 from ..utils.model_cards import CardDetails, ComponentCardMixin, _fmt
 
 MAX_DOWNSAMPLING_LOG2 = 5

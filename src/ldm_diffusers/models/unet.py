@@ -21,7 +21,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 
-from ..utils.checkpoints import safe_from_pretrained
+from ..utils.model_files import safe_from_pretrained
 from ..utils.model_cards import CardDetails, ComponentCardMixin
 
 

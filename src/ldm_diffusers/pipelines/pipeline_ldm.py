@@ -42,7 +42,7 @@ from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
 from ..pretrained import pretrained_model_path
 from ..utils.attention import require_xformers
-from ..utils.checkpoints import check_not_being_written, missing_local_folder
+from ..utils.model_files import check_not_being_written, missing_local_folder
 from ..utils.hub_download import download_pipeline
 from .fast_sampling import build_fast_sampling
 from .diffusers_layouts import diffusers_ldm_components

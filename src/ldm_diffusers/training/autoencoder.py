@@ -44,9 +44,9 @@ from ..utils.arguments import (
     positive_float,
     positive_int,
 )
-from ..utils.checkpoints import atomic_directory, publish_into
+from ..utils.model_files import atomic_directory, publish_into
 from .arguments import training_parser
-from .checkpointing import append_log
+from .run_checkpoints import append_log
 from .loop import (
     Throughput,
     TrainingLoop,

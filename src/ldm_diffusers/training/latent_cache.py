@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from ..data.transforms import collate_examples
 from ..models.autoencoders import encode_latent_moments
-from ..utils.checkpoints import discard_directory, publish_directory
+from ..utils.model_files import discard_directory, publish_directory
 
 logger = logging.getLogger(__name__)
 

@@ -46,8 +46,8 @@ from ..models.unet import LDMUNet2DConditionModel
 from ..pipelines import LDMPipeline
 from ..schedulers import ldm_scheduler
 from ..utils.attention import require_xformers
-from ..utils.checkpoints import atomic_directory, publish_into
-from .checkpointing import append_log
+from ..utils.model_files import atomic_directory, publish_into
+from .run_checkpoints import append_log
 from .distributed import ShardedTraining
 from .latent_diffusion_args import parse_args
 from .latent_diffusion_data import (

@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
-from .checkpointing import StopRequest, resume, save_checkpoint
+from .run_checkpoints import StopRequest, resume, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from ..pretrained import MODELS, PREFIX
-from .checkpoints import missing_local_folder
+from .model_files import missing_local_folder
 
 
 def int_type(low: int | None = None, high: int | None = None):

@@ -2,7 +2,7 @@
 repository, revision and server were asked and what to do.
 
 Low level on purpose (it imports nothing else from ldm_diffusers), so that model loading
-(:mod:`ldm_diffusers.utils.checkpoints`) and ``LDMPipeline.from_pretrained`` share it.
+(:mod:`ldm_diffusers.utils.model_files`) and ``LDMPipeline.from_pretrained`` share it.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.checkpoints import (
+from ..utils.model_files import (
     discard_directory,
     publish_directory,
     remove_stale_temporaries,
@@ -86,7 +86,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: dict, total_limi
     return final if accelerator.is_main_process else None
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict:
+def load_run_checkpoint(accelerator, checkpoint: Path) -> dict:
     """Restore accelerate's state from ``checkpoint`` and return its training_state.json."""
     accelerator.load_state(str(checkpoint))
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
@@ -106,7 +106,7 @@ def resume(accelerator, output_dir: str | Path, resume_from_checkpoint: str | No
     checkpoint = resolve_checkpoint(output_dir, resume_from_checkpoint)
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0}
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_run_checkpoint(accelerator, checkpoint)
         accelerator.print(f"Resumed from {checkpoint} at step {state['global_step']}.")
     elif resume_from_checkpoint:
         accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..utils.checkpoints import CheckpointError
+from ..utils.model_files import CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -121,7 +121,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_compvis_ckpt(path: str | os.PathLike) -> dict:
     """The object saved in a ``.ckpt`` / ``.pt`` (torch's zip format) or a ``.safetensors`` file, loaded safely.
 
     Returns the saved dict (a Lightning checkpoint: ``{"state_dict": ..., "global_step": ..., "callbacks": ...}``);
