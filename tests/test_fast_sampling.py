@@ -72,3 +72,17 @@ def test_openvino_backend_gives_the_eager_images_and_caches_its_graphs(tmp_path)
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_auto_backend_is_openvino_on_a_cpu_that_has_it_else_inductor(monkeypatch):
+    import importlib.util
+
+    from ldm_diffusers.pipelines import fast_sampling
+
+    assert importlib.util.find_spec("openvino") is not None  # the test extra installs it
+    assert fast_sampling.choose_backend(torch.device("cpu"))[0] == "openvino"
+    assert fast_sampling.choose_backend(torch.device("cuda"))[0] == "inductor"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    backend, reason = fast_sampling.choose_backend(torch.device("cpu"))
+    assert backend == "inductor" and "pip install 'ldm-diffusers[openvino]'" in reason

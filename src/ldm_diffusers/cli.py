@@ -81,9 +81,10 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true",
                    help="Compile the UNet and decoder first (pipe.enable_fast_sampling(): the same images, faster "
                         "steps; compiling takes about a minute on a CPU, less when inductor's cache has it).")
-    p.add_argument("--fast_backend", choices=["inductor", "openvino"], default="inductor",
+    p.add_argument("--fast_backend", choices=["auto", "inductor", "openvino"], default="auto",
                    help="With --fast: torch.compile (inductor), or OpenVINO on a CPU (compiles in seconds; "
-                        "`pip install ldm-diffusers[openvino]`).")
+                        "`pip install ldm-diffusers[openvino]`); 'auto': OpenVINO on a CPU where it is installed, "
+                        "else inductor (the choice and its reason are printed).")
     return p
 
 
@@ -171,6 +172,7 @@ def _generate(argv):
     inputs = conditioning_inputs(a)
     if a.fast:
         pipe.enable_fast_sampling(backend=a.fast_backend)
+        print(f"fast sampling with {pipe.fast_sampling.backend}: {pipe.fast_sampling.reason}")
     start = time.perf_counter()
     images = pipe(**inputs, num_images_per_prompt=a.batch if inputs else 1, batch_size=a.batch, num_inference_steps=a.steps,
                   guidance_scale=a.guidance_scale, eta=a.eta, height=a.height, width=a.width,

@@ -168,7 +168,8 @@ class LDMPipeline(DiffusionPipeline):
     def enable_fast_sampling(self, compile_decoder: bool = True, backend: str = "inductor") -> None:
         """Compile eps_theta (and the decoder) once per shape. ``backend="inductor"``: ``torch.compile(fullgraph=True)``
         with the settings that pay on the pipeline's device (CPU: frozen weights + C++ wrapper; CUDA: + CUDA
-        graphs); ``"openvino"`` (CPU, optional extra): OpenVINO graphs in float32. See
+        graphs); ``"openvino"`` (CPU, optional extra): OpenVINO graphs in float32; ``"auto"``: the fastest this
+        machine has (``fast_sampling.backend`` and ``.reason`` tell which and why). See
         ``ldm_diffusers.pipelines.fast_sampling``. Outputs equal the eager pipeline's to float32 rounding. Compilation
         happens at the first call of each shape; ``fast_sampling.compile_seconds`` reports it."""
         self.fast_sampling = build_fast_sampling(self.unet, self.vae, self._execution_device, compile_decoder, backend)
