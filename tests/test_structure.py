@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers.paths import REPO
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ldm_diffusers"
+PACKAGE = REPO / "src" / "ldm_diffusers"
 
 # lowest first; a module may import from its own layer and the layers below it, never above
 LAYERS = [

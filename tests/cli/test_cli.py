@@ -1,0 +1,76 @@
+"""The ``ldm-diffusers`` console script and ``examples/evaluate.py`` on tiny saved pipelines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.paths import REPO
+from PIL import Image
+
+from ldm_diffusers.cli import main
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from helpers.models import make_pipe
+
+    path = tmp_path_factory.mktemp("models") / "text"
+    make_pipe("prompt").save_pretrained(path)
+    return path
+
+
+def test_generate_writes_a_grid_per_prompt_and_batch(text_model, tmp_path):
+    out = tmp_path / "grid.png"
+    main(["generate", "an emoji of red apple", "an emoji of dog face", "--model", str(text_model), "--batch", "3",
+          "--steps", "2", "--out", str(out), "--scheduler", "dpm++", "--seed", "1"])
+    assert Image.open(out).size == (3 * 32, 2 * 32)
+    single = tmp_path / "one.png"
+    main(["generate", "an emoji of red apple", "--model", str(text_model), "--steps", "2", "--out", str(single), "--seed", "1"])
+    again = tmp_path / "again.png"
+    main(["generate", "an emoji of red apple", "--model", str(text_model), "--steps", "2", "--out", str(again), "--seed", "1"])
+    assert Image.open(single).tobytes() == Image.open(again).tobytes()  # seeded
+
+
+def test_generate_class_model_and_help(tmp_path, capsys):
+    from helpers.models import make_pipe
+
+    make_pipe("class").save_pretrained(tmp_path / "class")
+    main(["generate", "--model", str(tmp_path / "class"), "--class_labels", "0", "3", "--steps", "2",
+          "--out", str(tmp_path / "c.png")])
+    assert Image.open(tmp_path / "c.png").size == (2 * 32, 32)
+    # --fast picks OpenVINO where it is installed (the test extra installs it); in a process of its own, as OpenVINO's
+    # thread pool must not see this process fork its DataLoader workers later (see pipelines/fast_sampling.py)
+    fast_run = subprocess.run(
+        [sys.executable, "-m", "ldm_diffusers.cli", "generate", "--model", str(tmp_path / "class"), "--class_labels",
+         "0", "3", "--steps", "2", "--out", str(tmp_path / "fast.png"), "--fast"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert fast_run.returncode == 0, fast_run.stderr[-3000:]
+    assert "fast sampling with openvino: OpenVINO is installed" in fast_run.stdout
+    eager, fast = (np.asarray(Image.open(tmp_path / f), dtype=np.int16) for f in ("c.png", "fast.png"))
+    assert np.abs(eager - fast).max() <= 1  # compiled: the same image up to float32 rounding at a uint8 boundary
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "--guidance_scale" in capsys.readouterr().out
+    main([])
+    listing = capsys.readouterr().out
+    assert all(command in listing for command in ("generate", "train ", "train-autoencoder", "evaluate-autoencoder"))
+
+
+def test_evaluate_script_reports_sample_metrics(text_model, emoji16_tiny, tmp_path):
+    out = tmp_path / "metrics.json"
+    cmd = [sys.executable, str(REPO / "examples" / "evaluate.py"), "--model", str(text_model), "--train_data_dir",
+           str(emoji16_tiny), "--resolution", "32", "--num_images", "8", "--batch_size", "4", "--steps", "2", "--out", str(out)]
+    env = {"PYTHONPATH": str(REPO / "src"), "LDM_DIFFUSERS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["num_generated"] == metrics["num_real"] == 8
+    assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    assert metrics["is_efficientnet_mean"] >= 1.0 and metrics["seconds_per_image"] > 0
+    assert out.with_suffix(".png").is_file()
+    assert list((tmp_path / "cache" / "fid-references").glob("validation-*.npz"))  # reference features cached

@@ -1,0 +1,73 @@
+"""The emoji text-to-image pipeline that ships inside the package."""
+
+import configparser
+import fnmatch
+
+import numpy as np
+import pytest
+import torch
+from helpers.paths import REPO
+from PIL import Image
+from safetensors import safe_open
+
+from ldm_diffusers import LDMPipeline
+from ldm_diffusers.cli import main
+from ldm_diffusers.pretrained import pretrained_model_path
+
+
+def test_shipped_weights_are_small_half_precision_safetensors():
+    folder = pretrained_model_path()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert sum(p.stat().st_size for p in weights) < 60 * 2**20
+    for path in weights:
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
+    # every file is package data, so a non-editable install carries it
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    patterns = [p.strip() for p in config["options.package_data"]["ldm_diffusers.pretrained"].split(",")]
+    for path in files:
+        rel = path.relative_to(folder.parent).as_posix()
+        assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
+
+
+def test_builtin_model_loads_in_float32_and_samples_deterministically():
+    pipe = LDMPipeline.from_pretrained("builtin:emoji-text-to-image")
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe("an emoji of red heart", num_inference_steps=4, guidance_scale=3.0, output_type="np",  # noqa: E731
+                       generator=torch.Generator().manual_seed(0)).images
+    first, second = run(), run()
+    assert first.shape == (1, 64, 64, 3) and np.array_equal(first, second)
+    # guidance does something: the unconditional and conditional predictions differ
+    plain = pipe("an emoji of red heart", num_inference_steps=4, guidance_scale=1.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(plain - first).mean() > 1e-3
+    half = LDMPipeline.from_pretrained(pretrained_model_path(), dtype=torch.float16)
+    assert half.unet.dtype == torch.float16
+
+
+def test_generate_uses_the_builtin_model_by_default(tmp_path):
+    out = tmp_path / "apple.png"
+    main(["generate", "an emoji of a red apple", "--steps", "3", "--out", str(out)])
+    assert Image.open(out).size == (64, 64)
+
+
+def test_unknown_builtin_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="builtin:emoji-text-to-image"):
+        LDMPipeline.from_pretrained("builtin:nope")
+
+
+def test_model_card_metadata_and_numbers():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(REPO / "model_cards" / "ldm-emoji-text-to-image.md")
+    data = card.data
+    assert data.library_name == "diffusers" and data.license == "apache-2.0" and data.pipeline_tag == "text-to-image"
+    assert {"ldm-diffusers", "diffusers:LDMPipeline"} <= set(data.tags)
+    assert (REPO / "model_cards" / "ldm-emoji-text-to-image-samples.png").is_file()
+    size_mb = sum(p.stat().st_size for p in pretrained_model_path().rglob("*.safetensors")) / 1e6
+    assert f"{size_mb:.1f} MB" in card.text  # the card states the shipped size
