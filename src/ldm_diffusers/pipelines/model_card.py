@@ -1,4 +1,4 @@
-"""The model card of an :class:`~ldm_diffusers.LDMPipeline` (``model_cards/templates/pipeline.md``): what it is
+"""The model card of an :class:`~ldm_diffusers.LDMPipeline` (``utils/card_templates/pipeline.md``): what it is
 conditioned on (its mode's words), its parts and its schedule, with Hub metadata."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Model cards rendered from ``model_cards/templates`` with ``huggingface_hub``, and the card of one component.
+"""Model cards rendered from the templates in ``card_templates/`` (package data) with ``huggingface_hub``, and the card
+of one component.
 
 Low level on purpose: models and conditioning encoders take :class:`ComponentCardMixin` from here, and it
 imports none of them; each component describes itself in ``_card_details``. The pipeline-level cards and
@@ -7,27 +8,21 @@ uploads are in :mod:`ldm_diffusers.hub`, above the pipeline.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from importlib import resources
 
 from huggingface_hub import ModelCard, ModelCardData
 
-TEMPLATE_DIRS = (
-    # a source checkout / editable install: <repo>/model_cards/templates
-    Path(__file__).resolve().parents[3] / "model_cards" / "templates",
-    # a regular install: setup.cfg's data_files put the templates here
-    Path(sys.prefix) / "share" / "ldm-diffusers" / "model_cards" / "templates",
-)
+TEMPLATES = resources.files("ldm_diffusers.utils") / "card_templates"  # installed with the package, wherever it is
 
 # What a component's ``_card_details()`` returns: (description, tags, pipeline tag, table rows).
 CardDetails = tuple[str, list[str], str | None, list[tuple[str, object]]]
 
 
-def template_path(name: str) -> Path:
-    for folder in TEMPLATE_DIRS:
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"Model card template '{name}' not found in {[str(d) for d in TEMPLATE_DIRS]}.")
+def template_text(name: str) -> str:
+    template = TEMPLATES / name
+    if not template.is_file():
+        raise FileNotFoundError(f"Model card template '{name}' is missing from {TEMPLATES}: reinstall ldm-diffusers.")
+    return template.read_text(encoding="utf-8")
 
 
 def _fmt(value, digits=4):
@@ -39,14 +34,14 @@ def _fmt(value, digits=4):
 def _render_card(template: str, repo_id: str, *, pipeline_tag: str | None, tags: list[str],
                  datasets: list[str] | None = None, base_model: str | None = None, license: str = "apache-2.0",
                  **fields):
-    """A ``huggingface_hub.ModelCard`` from ``model_cards/templates/<template>``, with the Hub metadata every
+    """A ``huggingface_hub.ModelCard`` from ``card_templates/<template>``, with the Hub metadata every
     card here shares (diffusers library, ldm-diffusers / latent-diffusion tags; Apache-2.0 unless the weights
     come under another license)."""
 
     card_data = ModelCardData(library_name="diffusers", license=license, pipeline_tag=pipeline_tag,
                               tags=["ldm-diffusers", "latent-diffusion", *tags], datasets=datasets,
                               base_model=base_model)
-    return ModelCard.from_template(card_data, template_path=str(template_path(template)),
+    return ModelCard.from_template(card_data, template_str=template_text(template),
                                    model_name=repo_id.split("/")[-1], repo_id=repo_id, **fields)
 
 
