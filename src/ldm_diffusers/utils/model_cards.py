@@ -9,6 +9,7 @@ uploads are in :mod:`ldm_diffusers.hub`, above the pipeline.
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
