@@ -13,8 +13,8 @@ run as a user runs it (``accelerate launch``, one process), and ``ldm-diffusers 
 
 The stock script is never committed: pass ``--stock_script`` (a copy at the pinned commit, e.g. ``git show
 <commit>:examples/text_to_image/train_text_to_image.py`` in a diffusers clone) or let ``--fetch`` download it at
-``STOCK_COMMIT``. Its torchvision transforms come from ``benchmarks/stock_shims`` (PIL equivalents; torchvision's
-wheels break this project's CPU torch). Throughput is read the same way for both: the wall times TensorBoard records
+``STOCK_COMMIT``. It runs unchanged through ``benchmarks/stock_runner.py``, which gives it PIL equivalents of
+its torchvision transforms (torchvision's wheels break this project's CPU torch). Throughput is read the same way for both: the wall times TensorBoard records
 with each step's logged loss, from the ``--skip``-th step to the last (start-up, the first steps and the final save
 left out). Prints and writes images/s per side and the ratios.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,13 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 STOCK_COMMIT = "58eb52c0803ea9af3abec60841c2a093bdf1f951"  # huggingface/diffusers main, 2026-12-03
 STOCK_URL = ("https://raw.githubusercontent.com/huggingface/diffusers/{commit}/examples/text_to_image/"
              "train_text_to_image.py")
-SHIMS = REPO / "benchmarks" / "stock_shims"
 
 
 def clip_tokenizer_files(folder: Path, max_length: int = 77) -> None:
     """A CLIP tokenizer with a character-level vocabulary: every byte's unicode stand-in, alone and word-final
     (``</w>``), the start and end tokens, and no merges."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
@@ -97,8 +97,10 @@ def stock_script(a) -> Path:
     return target
 
 
-def launch(script: Path, args: list[str], log: Path, extra_path: str | None = None) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [extra_path, str(REPO / "src")])),
+def launch(script: Path, args: list[str], log: Path) -> None:
+    """``accelerate launch`` (one process, as a user starts either script) of ``script`` into a fresh output folder."""
+    shutil.rmtree(args[args.index("--output_dir") + 1], ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args]
@@ -112,8 +114,13 @@ def images_per_second(logdir: Path, tag: str, batch: int, skip: int) -> float:
     """From the TensorBoard events: steps ``skip``..last of ``tag`` over their wall-clock span."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    events.Reload()
+    for folder in sorted({path.parent for path in logdir.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            break
+    else:
+        raise SystemExit(f"No '{tag}' scalars under {logdir}.")
     steps = sorted((e.step, e.wall_time) for e in events.Scalars(tag))
     steps = [s for s in steps if s[0] >= skip]
     (first, t0), (last, t1) = steps[0], steps[-1]
@@ -122,12 +129,12 @@ def images_per_second(logdir: Path, tag: str, batch: int, skip: int) -> float:
 
 def run_stock(a, work: Path, models: Path, data: Path, i: int) -> float:
     out = work / f"stock-{i}"
-    launch(stock_script(a), [
-        "--pretrained_model_name_or_path", str(models), "--train_data_dir", str(data), "--caption_column", "text",
+    launch(REPO / "benchmarks" / "stock_runner.py", [
+        str(stock_script(a)), "--pretrained_model_name_or_path", str(models), "--train_data_dir", str(data), "--caption_column", "text",
         "--resolution", str(a.resolution), "--center_crop", "--train_batch_size", str(a.batch),
         "--max_train_steps", str(a.steps), "--learning_rate", "1e-4", "--lr_scheduler", "constant",
         "--lr_warmup_steps", "0", "--checkpointing_steps", "1000000", "--output_dir", str(out),
-        "--report_to", "tensorboard", "--seed", "0"], work / f"stock-{i}.log", str(SHIMS))
+        "--report_to", "tensorboard", "--seed", "0"], work / f"stock-{i}.log")
     return images_per_second(out / "logs", "train_loss", a.batch, a.skip)
 
 

@@ -48,13 +48,13 @@ def bert_tokenizer(path: str | None = None):
     return AutoTokenizer.from_pretrained(path or minilm_path())
 
 
-def load_frozen_text_encoder(path: str | None = None):
-    """(tokenizer, encoder) of a pretrained ``transformers`` text model, frozen; default MiniLM."""
-
+def load_frozen_text_encoder(path: str | None = None, tokenizer_path: str | None = None):
+    """(tokenizer, encoder) of a pretrained ``transformers`` text model, frozen; default MiniLM. ``tokenizer_path``:
+    where the tokenizer is, when not beside the encoder (a Stable-Diffusion-layout folder's ``tokenizer/``)."""
     path = path or minilm_path()
     encoder = AutoModel.from_pretrained(path).eval()
     encoder.requires_grad_(False)
-    return AutoTokenizer.from_pretrained(path), encoder
+    return AutoTokenizer.from_pretrained(tokenizer_path or path), encoder
 
 
 def build_text_transformer(
@@ -168,7 +168,8 @@ class TextMode(ConditioningMode):
                            help="'transformer': a BERT-style transformer trained jointly (the paper); 'frozen': a "
                                 "pretrained transformers encoder (--text_encoder_name_or_path, default the offline MiniLM).")
         group.add_argument("--text_encoder_name_or_path", default=None, help="Frozen text encoder folder (default MiniLM).")
-        group.add_argument("--tokenizer_name_or_path", default=None, help="Tokenizer (default: BERT WordPiece from MiniLM).")
+        group.add_argument("--tokenizer_name_or_path", default=None,
+                           help="Tokenizer (default: the frozen encoder's own, else BERT WordPiece from MiniLM).")
         group.add_argument("--text_encoder_layers", type=positive_int, default=4)
         group.add_argument("--text_encoder_heads", type=positive_int, default=4)
         group.add_argument("--max_prompt_length", type=int_type(3, 512), default=MAX_LENGTH,
@@ -184,7 +185,7 @@ class TextMode(ConditioningMode):
     def build_encoders(self, args, train_ds, vae):
         parts = Encoders()
         if args.text_encoder == "frozen":
-            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path)
+            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path, args.tokenizer_name_or_path)
             parts.frozen["text_encoder"] = encoder
         else:
             tokenizer = bert_tokenizer(args.tokenizer_name_or_path)
