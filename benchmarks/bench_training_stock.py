@@ -8,8 +8,9 @@ run as a user runs it (``accelerate launch``, one process), and ``ldm-diffusers 
   wheel) with a CLIP tokenizer (a character-level CLIP BPE vocabulary: no merges, the same 77 tokens per prompt), the
   ``DDPMScheduler``;
 * the built-in 64x64 emoji imagefolder, batch 16, no condition dropout on either side, fp32, no EMA;
-* ours from pixels (the stage-1 encoder and the text encoder run every step, as in stock) and, with ``--cached``,
-  from the latent cache.
+* ours from pixels (the stage-1 encoder and the text encoder run every step, as in stock), as launched (``accelerate
+  launch`` without ``--cpu`` gives every CPU process one thread; ours then takes its share of the cores) and with
+  ``--num_cpu_threads 1`` (the stock script's thread count), and with ``--cached`` from the latent cache.
 
 The stock script is never committed: pass ``--stock_script`` (a copy at the pinned commit, e.g. ``git show
 <commit>:examples/text_to_image/train_text_to_image.py`` in a diffusers clone) or let ``--fetch`` download it at
@@ -138,8 +139,8 @@ def run_stock(a, work: Path, models: Path, data: Path, i: int) -> float:
     return images_per_second(out / "logs", "train_loss", a.batch, a.skip)
 
 
-def run_ours(a, work: Path, models: Path, data: Path, i: int, cached: bool) -> float:
-    out = work / f"ours-{'cached' if cached else 'pixels'}-{i}"
+def run_ours(a, work: Path, models: Path, data: Path, i: int, cached: bool, threads: int | None = None) -> float:
+    out = work / f"ours-{'cached' if cached else 'pixels'}{'' if threads is None else f'-{threads}thread'}-{i}"
     launch(REPO / "examples" / "train_text_to_image.py", [
         "--pretrained_vae_model_name_or_path", str(models / "vae"), "--conditioning", "text", "--text_encoder",
         "frozen", "--text_encoder_name_or_path", str(models / "text_encoder"), "--tokenizer_name_or_path",
@@ -149,7 +150,8 @@ def run_ours(a, work: Path, models: Path, data: Path, i: int, cached: bool) -> f
         "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--adam_weight_decay",
         "1e-2", "--conditioning_dropout_prob", "0", "--checkpointing_steps", "1000000", "--validation_steps", "0",
         "--logging_steps", "1", "--output_dir", str(out), "--report_to", "tensorboard", "--seed", "0",
-        *(["--cache_latents"] if cached else [])], work / f"{out.name}.log")
+        *(["--cache_latents"] if cached else []), *([] if threads is None else ["--num_cpu_threads", str(threads)])],
+        work / f"{out.name}.log")
     return images_per_second(out / "logs", "loss", a.batch, a.skip)
 
 
@@ -176,10 +178,11 @@ def main():
     models, data = work / "models", build_emoji_dataset(resolution=a.resolution)
     if not (models / "model_index.json").is_file():
         build_model_folder(models, a)
-    runs = {"stock": [], "ours_pixels": [], **({"ours_cached": []} if a.cached else {})}
+    runs = {"stock": [], "ours_pixels": [], "ours_pixels_1thread": [], **({"ours_cached": []} if a.cached else {})}
     for i in range(a.repeats):
         runs["stock"].append(run_stock(a, work, models, data, i))
         runs["ours_pixels"].append(run_ours(a, work, models, data, i, cached=False))
+        runs["ours_pixels_1thread"].append(run_ours(a, work, models, data, i, cached=False, threads=1))
         if a.cached:
             runs["ours_cached"].append(run_ours(a, work, models, data, i, cached=True))
         print(f"run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} img/s" for k, v in runs.items()), flush=True)

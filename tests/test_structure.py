@@ -112,3 +112,12 @@ def test_files_and_functions_are_small(path):
     lines = len(text.splitlines())
     assert lines <= MAX_FILE_LINES and not long, (f"{lines} lines (at most {MAX_FILE_LINES}); functions over "
                                                   f"{MAX_FUNCTION_LINES} lines: {long}")
+
+
+def test_help_text_names_no_paths_an_installed_package_lacks():
+    from ldm_diffusers.cli import generate_parser
+    from ldm_diffusers.training import autoencoder, latent_diffusion_args
+
+    for parser in (generate_parser(), autoencoder.build_parser(), latent_diffusion_args.build_parser()):
+        text = parser.format_help()
+        assert "benchmarks/" not in text and "tests/" not in text, parser.prog

@@ -56,3 +56,34 @@ def test_optimiser_kernels_and_channels_last_train_the_same(stage1, emoji16_tiny
     out = tmp_path / "run"
     main(stage2_args(stage1, emoji16_tiny, out, "--max_train_steps", "6", *flags, *ONE_LEVEL))
     np.testing.assert_allclose(losses(out), losses(eager_run), rtol=2e-3)
+
+
+def test_accelerate_launch_one_thread_default_gets_the_cores_share(monkeypatch):
+    """``accelerate launch`` without ``--cpu`` sets OMP_NUM_THREADS=1 for every process; a CPU run then takes its
+    share of the cores (all of them for one process), unless --num_cpu_threads says otherwise; a plain run is left
+    alone."""
+    import os
+    from types import SimpleNamespace
+
+    from ldm_diffusers.training.loop import set_cpu_threads
+
+    before = torch.get_num_threads()
+    cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+        set_cpu_threads(cpu, None)  # not launched by accelerate: as the user set it
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        set_cpu_threads(cpu, None)
+        assert torch.get_num_threads() == 4
+        torch.set_num_threads(1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        set_cpu_threads(cpu, None)  # two processes on the machine: two cores each
+        assert torch.get_num_threads() == 2
+        set_cpu_threads(cpu, 1)  # asked for
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

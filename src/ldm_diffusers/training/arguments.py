@@ -63,6 +63,9 @@ def add_speed_arguments(g) -> None:
     g.add_argument("--adam_implementation", choices=ADAM_IMPLEMENTATIONS, default="auto",
                    help="torch's Adam kernel: 'fused' (one kernel for all parameters), 'foreach' (grouped tensor ops) "
                         "or 'for-loop'; 'auto': fused where torch has it for the device.")
+    g.add_argument("--num_cpu_threads", type=positive_int, default=None,
+                   help="torch threads per process on a CPU. Default: as launched, except that a process `accelerate "
+                        "launch` left at one thread (its CPU default) gets its share of the cores.")
     g.add_argument("--dataloader_prefetch_factor", type=int, default=None,
                    help="Batches each data worker loads ahead (with --dataloader_num_workers > 0; torch's default 2).")
 

@@ -102,7 +102,7 @@ def add_loss_arguments(g) -> None:
     g.add_argument("--perceptual_weight", type=non_negative_float, default=None,
                    help="Default: 1.0 for LPIPS (as CompVis); 0.05 for the EfficientNet distance, whose values are "
                    "about 10-20x LPIPS's (at weight 1 it drowned the L1 term and washed out colours: 64px emoji, "
-                   "400 steps, PSNR 15.9 vs 18.3 dB at 0.05; benchmarks/results/stage1_h200/).")
+                   "400 steps, PSNR 15.9 vs 18.3 dB at 0.05).")
     g.add_argument("--kl_weight", type=non_negative_float, default=1e-6)
     g.add_argument("--codebook_weight", type=non_negative_float, default=1.0)
     g.add_argument("--commitment_beta", type=non_negative_float, default=0.25)

@@ -99,7 +99,10 @@ class Denoiser(nn.Module):
         """``values``: the mode's inputs (encoded here, with gradients into trainable encoders); or a
         ready ``conditioning`` (cached or frozen tokens). Returns the prediction [B, c, h, w]."""
         if conditioning is None:
-            conditioning = self.mode.condition(self.components(), values, tuple(noisy_latents.shape[-2:]))
+            # without a trained encoder (frozen text encoder, stage-1 encodings, plain tensors) no gradient flows into
+            # the conditioning: encode it without recording a graph
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.encoders)):
+                conditioning = self.mode.condition(self.components(), values, tuple(noisy_latents.shape[-2:]))
         model_input = conditioning.model_input(noisy_latents)
         return self.unet(model_input, timesteps, encoder_hidden_states=conditioning.context).sample
 

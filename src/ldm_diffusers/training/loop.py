@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -41,8 +42,27 @@ def make_accelerator(args, output_dir: Path, logging_dir: str):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    set_cpu_threads(accelerator, getattr(args, "num_cpu_threads", None))
     set_seed(args.seed)
     return accelerator
+
+
+def set_cpu_threads(accelerator, requested: int | None) -> None:
+    """torch's intra-op threads on a CPU: ``requested``, or (None) the cores this process's share of the machine has
+    where ``accelerate launch`` left it one thread: without ``--cpu`` it sets OMP_NUM_THREADS=1 for every process,
+    which leaves the other cores of a one-process CPU run idle. Plain ``python`` runs and explicit
+    ``--num_cpu_threads`` are left as asked."""
+    if accelerator.device.type != "cpu":
+        return
+    if requested is None:
+        launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # set by accelerate launch for every process
+        share = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+        if not (launched and torch.get_num_threads() == 1 and share > 1):
+            return
+        requested = share
+    if torch.get_num_threads() != requested:
+        logger.info("CPU threads per process: %d (of %d cores).", requested, os.cpu_count() or 1)
+        torch.set_num_threads(requested)
 
 
 def init_trackers(accelerator, args, output_dir: Path, project: str) -> None:
