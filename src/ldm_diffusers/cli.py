@@ -19,12 +19,7 @@ import time
 from pathlib import Path
 
 from .conditioning import mode_named, modes
-from .utils.arguments import (
-    check_model_path,
-    int_type,
-    non_negative_float,
-    positive_int,
-)
+from .utils.arguments import check_model_path, int_type, non_negative_float, positive_int
 
 
 def _build_emoji(argv):
@@ -198,12 +193,7 @@ def _train(argv):
 def _evaluate_autoencoder(argv):
     import torch
 
-    from .data.transforms import (
-        collate_pixels,
-        image_column_of,
-        load_image_splits,
-        pixel_transform,
-    )
+    from .data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform
     from .evaluation import evaluate_autoencoder
     from .models.autoencoders import load_autoencoder
 

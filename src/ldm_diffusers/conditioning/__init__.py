@@ -12,6 +12,7 @@ from .base import (
     InputError,
     TrainingColumns,
     add_argument_once,
+    conditioning_encoders,
 )
 from .class_label import ClassEmbedder, ClassMode
 from .layout import LayoutBERTEncoder, LayoutEncoder, LayoutMode
@@ -26,12 +27,7 @@ from .registry import (
     register_mode,
     unregister_mode,
 )
-from .spatial import (
-    InpaintingMode,
-    SegmentationMode,
-    SpatialRescaler,
-    SuperResolutionMode,
-)
+from .spatial import InpaintingMode, SegmentationMode, SpatialRescaler, SuperResolutionMode
 from .text import (
     TextMode,
     bert_tokenizer,
@@ -67,6 +63,7 @@ __all__ = [
     "bert_tokenizer",
     "build_text_transformer",
     "component_names",
+    "conditioning_encoders",
     "encode_prompts",
     "input_names",
     "load_frozen_text_encoder",

@@ -92,6 +92,13 @@ class Encoders:
     concat_channels: int = 0
 
 
+def conditioning_encoders(pipe) -> dict[str, torch.nn.Module]:
+    """{name: module} of a loaded pipeline's tau_theta: every component with weights besides the autoencoder and the
+    UNet (a text, class, layout or segmentation encoder; tokenizers and the scheduler left out)."""
+    return {name: module for name, module in pipe.components.items()
+            if name not in ("vae", "unet") and isinstance(module, torch.nn.Module)}
+
+
 def add_argument_once(parser, *flags: str, **kwargs) -> None:
     """``parser.add_argument(*flags, **kwargs)`` unless a mode already declared the flag (several modes read
     ``--image`` or ``--num_classes``): each flag is declared once, by the first mode that needs it."""

@@ -10,14 +10,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..utils.arguments import non_negative_int, positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
 from . import widgets
-from .base import (
-    Conditioning,
-    ConditioningMode,
-    Encoders,
-    add_argument_once,
-    is_int,
-    shown,
-)
+from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, is_int, shown
 
 
 class ClassEmbedder(ComponentCardMixin, ModelMixin, ConfigMixin):

@@ -29,26 +29,14 @@ from ..models.unet import unet_cross_attends
 from ..utils.arguments import positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
 from . import widgets
-from .base import Conditioning, ConditioningMode, Encoders, add_argument_once
-from .image_inputs import (
-    check_divisible,
-    check_image_input,
-    check_rgb,
-    image_tensor,
-    mask_tensor,
-)
+from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, conditioning_encoders
+from .image_inputs import check_divisible, check_image_input, check_rgb, image_tensor, mask_tensor
 
 
 def concat_channels(pipe) -> int:
     """Channels the UNet takes besides z_t, or -1 where it also cross-attends (no spatial mode alone)."""
     config = pipe.unet.config
     return -1 if unet_cross_attends(config) else config.in_channels - config.out_channels
-
-
-def has_encoder(pipe) -> bool:
-    """Whether a loaded pipeline has a conditioning encoder (any component besides the autoencoder, UNet and
-    scheduler)."""
-    return any(v is not None for k, v in pipe.components.items() if k not in ("vae", "unet", "scheduler"))
 
 
 def add_image_arguments(parser) -> None:
@@ -77,7 +65,7 @@ class SuperResolutionMode(ConditioningMode):
     compvis_cond_stage_key = "LR_image"
 
     def recognises(self, pipe):
-        return concat_channels(pipe) == pipe.vae.config.in_channels and not has_encoder(pipe)
+        return concat_channels(pipe) == pipe.vae.config.in_channels and not conditioning_encoders(pipe)
 
     def build_encoders(self, args, train_ds, vae):
         return Encoders(concat_channels=vae.config.in_channels)
@@ -145,7 +133,7 @@ class InpaintingMode(ConditioningMode):
     compvis_cond_stage_key = "masked_image"
 
     def recognises(self, pipe):
-        return concat_channels(pipe) == pipe.unet.config.out_channels + 1 and not has_encoder(pipe)
+        return concat_channels(pipe) == pipe.unet.config.out_channels + 1 and not conditioning_encoders(pipe)
 
     def build_encoders(self, args, train_ds, vae):
         return Encoders(concat_channels=vae.latent_channels_for_diffusion + 1)
@@ -252,7 +240,7 @@ class SegmentationMode(ConditioningMode):
         """A segmentation encoder, or channels that no other spatial mode of a pipeline without encoders takes
         (the super-resolution and inpainting modes are asked first)."""
         return getattr(pipe, "segmentation_encoder", None) is not None or (
-            concat_channels(pipe) > 0 and not has_encoder(pipe))
+            concat_channels(pipe) > 0 and not conditioning_encoders(pipe))
 
     def add_training_arguments(self, group):
         group.add_argument("--num_segmentation_classes", type=positive_int, default=None,

@@ -12,22 +12,14 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
-    LDMBertConfig,
-    LDMBertModel,
-)
+from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
-from ..conditioning import (
-    ClassEmbedder,
-    LayoutBERTEncoder,
-    SpatialRescaler,
-    bert_tokenizer,
-)
+from ..conditioning import ClassEmbedder, LayoutBERTEncoder, SpatialRescaler, bert_tokenizer
 from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel
 from ..pipelines import LDMPipeline
 from ..schedulers import compvis_ddim_scheduler
-from ..utils.model_files import CheckpointError, atomic_directory, publish_directory
 from ..utils.model_cards import _render_card, component_model_card
+from ..utils.model_files import CheckpointError, atomic_directory, publish_directory
 from .ckpt_loader import load_compvis_ckpt, state_dict_of
 from .first_stage import autoencoder_config, convert_first_stage_state_dict
 from .unet import convert_unet_state_dict, unet_config

@@ -6,21 +6,11 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 
-from ..conditioning import (
-    ClassEmbedder,
-    LayoutBERTEncoder,
-    SpatialRescaler,
-    bert_tokenizer,
-)
+from ..conditioning import ClassEmbedder, LayoutBERTEncoder, SpatialRescaler, bert_tokenizer, conditioning_encoders
 from ..conditioning.text import MAX_LENGTH
 from ..models.autoencoders import is_vq_config, latent_scaling_factor
 from ..models.unet import unet_cross_attends
-from .compvis import (
-    ENCODERS,
-    bert_embedder_config,
-    bert_embedder_names,
-    convert_class_embedder,
-)
+from .compvis import ENCODERS, bert_embedder_config, bert_embedder_names, convert_class_embedder
 from .config_checks import check_config
 
 
@@ -101,8 +91,7 @@ def cond_stage(pipe, vae_state: dict) -> tuple[dict, dict, dict]:
     key = mode.compvis_cond_stage_key
     if key not in STAGES:
         raise NotImplementedError(f"the {mode.name} mode: CompVis has no LatentDiffusion conditioned on it.")
-    encoders = [name for name, module in pipe.components.items()
-                if module is not None and name not in ("vae", "unet", "scheduler", "tokenizer")]
+    encoders = list(conditioning_encoders(pipe))
     if len(encoders) > 1:
         raise NotImplementedError(f"{' and '.join(encoders)}: a CompVis LatentDiffusion has one conditioning stage.")
     unet = pipe.unet.config

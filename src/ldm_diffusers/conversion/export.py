@@ -25,12 +25,7 @@ from ..models.autoencoders import is_vq_config, latent_scaling_factor, load_auto
 from ..pipelines import LDMPipeline
 from .cond_stage_export import cond_stage
 from .config_checks import HEAD_KEYS, TRAINING_ONLY, check_config, plain
-from .first_stage import (
-    ATTENTION_NAMES,
-    RESNET_NAMES,
-    autoencoder_config,
-    first_stage_key,
-)
+from .first_stage import ATTENTION_NAMES, RESNET_NAMES, autoencoder_config, first_stage_key
 from .unet import RESBLOCK_NAMES, attention_heads, block_map, unet_config
 
 UNET_TARGET = "ldm.modules.diffusionmodules.openaimodel.UNetModel"

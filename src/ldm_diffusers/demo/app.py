@@ -20,14 +20,7 @@ except ImportError as err:  # an optional extra
 
 from ..pipelines import LDMPipeline
 from ..schedulers import SAMPLERS
-from .generation import (
-    Settings,
-    caption,
-    generate_command,
-    parameters,
-    run,
-    write_inputs,
-)
+from .generation import Settings, caption, generate_command, parameters, run, write_inputs
 
 MAX_SEED = 2**32 - 1  # random seeds; any seed up to 2**53 can be typed (the page's numbers are doubles)
 

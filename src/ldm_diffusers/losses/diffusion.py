@@ -17,11 +17,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from ..conditioning import Conditioning
-from ..models.autoencoders import (
-    at_least_float32,
-    encode_latent_moments,
-    latent_scaling_factor,
-)
+from ..models.autoencoders import at_least_float32, encode_latent_moments, latent_scaling_factor
 
 
 def example_generators(seed: int, epoch: int, indices: torch.Tensor):

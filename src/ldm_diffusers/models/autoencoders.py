@@ -24,8 +24,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput
 
-from ..utils.model_files import read_config, safe_from_pretrained
 from ..utils.model_cards import CardDetails, ComponentCardMixin, _fmt
+from ..utils.model_files import read_config, safe_from_pretrained
 
 MAX_DOWNSAMPLING_LOG2 = 5
 

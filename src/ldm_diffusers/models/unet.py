@@ -21,8 +21,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 
-from ..utils.model_files import safe_from_pretrained
 from ..utils.model_cards import CardDetails, ComponentCardMixin
+from ..utils.model_files import safe_from_pretrained
 
 
 def unet_cross_attends(config) -> bool:

@@ -3,6 +3,7 @@ conditioned on (its mode's words), its parts and its schedule, with Hub metadata
 
 from __future__ import annotations
 
+from ..conditioning import conditioning_encoders
 from ..models.autoencoders import is_vq_config, latent_scaling_factor
 from ..models.unet import unet_cross_attends
 from ..utils.model_cards import _fmt, _render_card
@@ -11,8 +12,7 @@ from ..utils.model_cards import _fmt, _render_card
 def pipeline_model_card(pipe, repo_id: str, extra_text: str = "", datasets: list[str] | None = None,
                         base_model: str | None = None):
     """A ``huggingface_hub.ModelCard`` for an :class:`~ldm_diffusers.LDMPipeline`, from ``pipeline.md``."""
-    encoders = [(n, type(module).__name__) for n, module in pipe.components.items()
-                if module is not None and n not in ("vae", "unet", "scheduler", "tokenizer")]
+    encoders = [(name, type(module).__name__) for name, module in conditioning_encoders(pipe).items()]
     concat = pipe.unet.config.in_channels - pipe.unet.config.out_channels
     mode = pipe.mode
     sched = pipe.scheduler.config

@@ -28,24 +28,16 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
-from ..conditioning import (
-    UNCONDITIONAL,
-    Conditioning,
-    ConditioningMode,
-    input_names,
-    mode_named,
-    mode_of,
-    modes,
-)
+from ..conditioning import UNCONDITIONAL, Conditioning, ConditioningMode, input_names, mode_named, mode_of, modes
 from ..conditioning.base import is_int, is_real, shown
 from ..models.autoencoders import latent_scaling_factor
 from ..models.unet import unet_cross_attends
 from ..pretrained import pretrained_model_path
 from ..utils.attention import require_xformers
-from ..utils.model_files import check_not_being_written, missing_local_folder
 from ..utils.hub_download import download_pipeline
-from .fast_sampling import build_fast_sampling
+from ..utils.model_files import check_not_being_written, missing_local_folder
 from .diffusers_layouts import diffusers_ldm_components
+from .fast_sampling import build_fast_sampling
 from .model_card import pipeline_model_card
 from .non_finite import NonFiniteWatch
 

@@ -19,22 +19,11 @@ import torch
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 
-from ..data.transforms import (
-    collate_pixels,
-    image_column_of,
-    load_image_splits,
-    pixel_transform,
-    tensor_to_pil,
-)
+from ..data.transforms import collate_pixels, image_column_of, load_image_splits, pixel_transform, tensor_to_pil
 from ..evaluation import evaluate_autoencoder
 from ..hub import push_autoencoder
 from ..losses import AutoencoderLoss, NLayerDiscriminator, build_perceptual_loss
-from ..models.autoencoders import (
-    LDMAutoencoderKL,
-    LDMVQModel,
-    estimate_scaling_factor,
-    load_autoencoder,
-)
+from ..models.autoencoders import LDMAutoencoderKL, LDMVQModel, estimate_scaling_factor, load_autoencoder
 from ..utils.arguments import (
     check_model_path,
     float_type,
@@ -46,7 +35,6 @@ from ..utils.arguments import (
 )
 from ..utils.model_files import atomic_directory, publish_into
 from .arguments import training_parser
-from .run_checkpoints import append_log
 from .loop import (
     Throughput,
     TrainingLoop,
@@ -59,6 +47,7 @@ from .loop import (
     make_accelerator,
     to_channels_last,
 )
+from .run_checkpoints import append_log
 
 logger = logging.getLogger(__name__)
 

@@ -27,18 +27,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from ..conditioning import (
-    Conditioning,
-    component_names,
-    mode_named,
-)
-from ..data.streaming import (
-    StreamCheckpoint,
-    streaming_loader,
-)
-from ..data.transforms import (
-    collate_examples,
-)
+from ..conditioning import Conditioning, component_names, mode_named
+from ..data.streaming import StreamCheckpoint, streaming_loader
+from ..data.transforms import collate_examples
 from ..hub import hub_base_model
 from ..losses.diffusion import DiffusionObjective
 from ..models.autoencoders import load_autoencoder
@@ -47,15 +38,9 @@ from ..pipelines import LDMPipeline
 from ..schedulers import ldm_scheduler
 from ..utils.attention import require_xformers
 from ..utils.model_files import atomic_directory, publish_into
-from .run_checkpoints import append_log
 from .distributed import ShardedTraining
 from .latent_diffusion_args import parse_args
-from .latent_diffusion_data import (
-    load_splits,
-    load_stream,
-    set_up_columns,
-    training_rows,
-)
+from .latent_diffusion_data import load_splits, load_stream, set_up_columns, training_rows
 from .loop import (
     Throughput,
     TrainingLoop,
@@ -68,6 +53,7 @@ from .loop import (
     make_accelerator,
     to_channels_last,
 )
+from .run_checkpoints import append_log
 from .sample_evaluation import SampleEvaluation, ValidationSet
 
 logger = logging.getLogger(__name__)

@@ -19,11 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.model_files import (
-    discard_directory,
-    publish_directory,
-    remove_stale_temporaries,
-)
+from ..utils.model_files import discard_directory, publish_directory, remove_stale_temporaries
 
 STATE_FILE = "training_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
