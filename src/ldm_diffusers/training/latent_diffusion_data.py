@@ -27,6 +27,12 @@ class IndexedDataset(torch.utils.data.Dataset):
         return {**self.dataset[i], "index": i}
 
 
+def default_class_column(args, column_names) -> None:
+    """``--class_column`` when not given: 'label', or the built-in emoji set's 'group_id' where there is no 'label'."""
+    if args.class_column is None:
+        args.class_column = "group_id" if "label" not in column_names and "group_id" in column_names else "label"
+
+
 def load_splits(args, accelerator):
     """(train, validation) ``datasets.Dataset`` of the run (``--max_train_samples`` applied)."""
     with accelerator.main_process_first():
@@ -36,8 +42,7 @@ def load_splits(args, accelerator):
         )
     if args.max_train_samples:
         train_ds = train_ds.select(range(min(args.max_train_samples, len(train_ds))))
-    if args.class_column is None:
-        args.class_column = "label" if "label" in train_ds.column_names or "group_id" not in train_ds.column_names else "group_id"
+    default_class_column(args, train_ds.column_names)
     return train_ds, val_ds
 
 
@@ -53,8 +58,7 @@ def load_stream(args):
         val_ds, held_out = take_rows(shards, n)
     else:
         val_ds, held_out = take_rows(validation, n)[0], ()
-    if args.class_column is None:
-        args.class_column = "label" if "label" in shards.column_names or "group_id" not in shards.column_names else "group_id"
+    default_class_column(args, shards.column_names)
     return shards, val_ds, held_out
 
 
