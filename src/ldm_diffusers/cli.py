@@ -232,7 +232,7 @@ def _convert(argv):
     a = p.parse_args(argv)
     import torch
 
-    from .conversion import convert_compvis_checkpoint
+    from .conversion import CheckpointError, convert_compvis_checkpoint
     from .conversion.compvis import save_converted
 
     for flag, path in (("checkpoint", a.checkpoint), ("--config", a.config)):
@@ -240,6 +240,9 @@ def _convert(argv):
             p.error(f"{flag} {path}: no such file.")
     try:
         model = convert_compvis_checkpoint(a.checkpoint, a.config, use_ema=not a.no_ema)
+    except CheckpointError as err:  # a hostile or broken file: its one-line reason, no usage text, nothing written
+        print(f"ldm-diffusers convert: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except NotImplementedError as err:
         p.error(str(err))
     out = save_converted(model, a.output_dir, a.checkpoint, a.config, use_ema=not a.no_ema, dtype=getattr(torch, a.dtype))
