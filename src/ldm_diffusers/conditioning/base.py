@@ -125,6 +125,7 @@ class ConditioningMode:
     kind: str = "context"  # "context": cross-attention tokens; "concat": channels concatenated to z_t
     cacheable: bool = True  # False where every step needs a fresh stage-1 encoding (random inpainting masks)
     trains_null: bool = False  # training drops the condition to its null input (--conditioning_dropout_prob 0.1)
+    same_context_per_window: bool = True  # tiled sampling gives every window the same cross-attention tokens
     title: str = ""  # "text-to-image": the demo's heading
     conditioned_on: str = ""  # "text prompts": the model card's "conditioned on ..."
     pipeline_tag: str = "image-to-image"  # the Hub's pipeline tag

@@ -189,6 +189,7 @@ class LayoutMode(ConditioningMode):
     usage = "image = pipe(layout=[(0, (0.1, 0.1, 0.6, 0.7))]).images[0]"
     default_dataset = "emoji-scenes"
     compvis_cond_stage_key = "coordinates_bbox"
+    same_context_per_window = False  # the boxes are placed in the whole image: each window needs its own crop tokens
 
     def can_guide(self, pipe):
         return pipe.layout_encoder.has_null_layout
