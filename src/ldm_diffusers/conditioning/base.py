@@ -38,13 +38,19 @@ class Conditioning:
 
     context: tokens [B, n, d] for cross-attention (K, V), or None.
     concat: spatially aligned input [B, c, h, w] at the latent size, concatenated to z_t, or None.
+    tokens: the encoder's input ids [B, n] where tiled sampling re-encodes them for each window (CompVis'
+    layout crop tokens), or None.
     """
 
     context: torch.Tensor | None = None
     concat: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+    def _tensors(self):
+        return self.context, self.concat, self.tokens
 
     def repeat_interleave(self, n: int) -> "Conditioning":
-        return Conditioning(*(None if t is None else t.repeat_interleave(n, dim=0) for t in (self.context, self.concat)))
+        return Conditioning(*(None if t is None else t.repeat_interleave(n, dim=0) for t in self._tensors()))
 
     @staticmethod
     def cat(items: list["Conditioning"]) -> "Conditioning":
@@ -52,7 +58,7 @@ class Conditioning:
         def join(tensors):
             return None if tensors[0] is None else torch.cat(tensors)
 
-        return Conditioning(join([c.context for c in items]), join([c.concat for c in items]))
+        return Conditioning(*(join(list(parts)) for parts in zip(*(c._tensors() for c in items))))
 
     def model_input(self, latents: torch.Tensor) -> torch.Tensor:
         """z_t with the concatenated channels appended: [B, c_latent + c_concat, h, w]."""
@@ -174,6 +180,11 @@ class ConditioningMode:
         """(condition, null condition or None) for a batch of ``batch_size(values)`` inputs."""
         null = self.null_values(pipe, values)
         return self.condition(pipe, values, latent_size), None if null is None else self.condition(pipe, null, latent_size)
+
+    def window_context(self, pipe, cond: Conditioning, box: tuple[float, float, float, float]) -> torch.Tensor:
+        """The cross-attention tokens of tiled sampling's window at ``box`` (x, y, width, height as fractions of
+        the image): the same for every window, unless the mode sets ``same_context_per_window = False``."""
+        return cond.context
 
     def drop(self, pipe, values: dict, mask: torch.Tensor) -> dict:
         """``values`` with the rows where ``mask`` [B] is True replaced by the null input: the condition

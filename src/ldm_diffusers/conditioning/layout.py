@@ -156,9 +156,19 @@ class LayoutBERTEncoder(ComponentCardMixin, ModelMixin, ConfigMixin):
             rows.append(row + empty * (cfg.max_objects - len(layout)) + [self.corner(0, 0), self.corner(1, 1)])
         return torch.tensor(rows, dtype=torch.long)
 
+    def window_tokens(self, ids: torch.Tensor, box: tuple[float, float, float, float]) -> torch.Tensor:
+        """``ids`` [B, n] with the crop tokens (the last two) set to ``box`` (x, y, width, height in [0, 1]): where
+        a window of tiled sampling lies in the whole image, as CompVis' split sampling re-tokenises them."""
+        x, y, w, h = box
+        crop = torch.tensor([self.corner(x, y), self.corner(x + w, y + h)], dtype=ids.dtype, device=ids.device)
+        return torch.cat([ids[:, :-2], crop.expand(ids.shape[0], 2)], dim=1)
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, n] -> context [B, n, d_model]."""
+        return self.transformer(ids.to(self.transformer.device), return_dict=False)[0]
+
     def forward(self, layouts: Sequence[Layout]) -> torch.Tensor:
-        ids = self.tokenize(layouts).to(self.transformer.device)
-        return self.transformer(ids, return_dict=False)[0]
+        return self.encode_ids(self.tokenize(layouts))
 
     def _card_details(self) -> CardDetails:
         """Description, tags, pipeline tag and table rows for this encoder's model card."""
@@ -210,7 +220,18 @@ class LayoutMode(ConditioningMode):
         pipe.layout_encoder.tokenize(as_layout_batch(layout))
 
     def condition(self, pipe, values, latent_size):
-        return Conditioning(context=pipe.layout_encoder(as_layout_batch(values["layout"])))
+        encoder, layouts = pipe.layout_encoder, as_layout_batch(values["layout"])
+        if not hasattr(encoder, "window_tokens"):  # the package's own encoder: boxes as embeddings, no crop tokens
+            return Conditioning(context=encoder(layouts))
+        ids = encoder.tokenize(layouts)
+        return Conditioning(context=encoder.encode_ids(ids), tokens=ids)
+
+    def window_context(self, pipe, cond, box):
+        """CompVis' layout model: the layout's tokens with the window's crop tokens, encoded again."""
+        if cond.tokens is None:
+            raise NotImplementedError(f"Tiled sampling needs crop tokens, which {type(pipe.layout_encoder).__name__} "
+                                      "does not have (CompVis' LayoutBERTEncoder has them); sample at the trained size.")
+        return pipe.layout_encoder.encode_ids(pipe.layout_encoder.window_tokens(cond.tokens, box))
 
     def null_values(self, pipe, values):
         """Empty layouts, where the encoder was trained with them as the null input (not CompVis' layout model)."""

@@ -358,7 +358,7 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         fast = self.fast_sampling
         decode = self.vae.decode if fast is None else fast.decode
 
-        def decoded(z):
+        def decoded(z, _origins):
             return self._timed("decode", z, decode, z / latent_scaling_factor(self.vae)).sample
 
         return self.tiled(decoded, latents, tiling, self.vae_scale_factor)
@@ -415,7 +415,7 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         height, width = self._check_size(height, width, mode.output_size(self, values))
         # unconditional: as many images as starting latents were given (unless batch_size says otherwise)
         values["batch_size"] = latents.shape[0] // num_images_per_prompt if latents is not None and batch_size == 1 else batch_size
-        tiling = self.call_tiling(tile_size, tile_stride, mode, (height // f, width // f))
+        tiling = self.call_tiling(tile_size, tile_stride)
         cond, null = mode.encode(self, values, (height // f, width // f))
         self._check_conditioning(mode, cond)
         self._check_finite_conditioning(mode, cond, null if guidance_scale > 1.0 else None)
@@ -432,7 +432,8 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
 
         shape = (total, self.unet.config.out_channels, height // f, width // f)
         latents = self.denoise(cond, guidance_scale if guided else None, shape, num_inference_steps, eta, generator,
-                               latents, callback_on_step_end, callback_on_step_end_tensor_inputs, tiling)
+                               latents, callback_on_step_end, callback_on_step_end_tensor_inputs, tiling,
+                               self.window_contexts(mode, cond, tiling, shape[-2:]))
         if output_type == "latent":
             images = latents
         else:
@@ -445,10 +446,10 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
 
     def denoise(self, cond: Conditioning, guidance_scale: float | None, shape: tuple, num_inference_steps: int,
                 eta: float, generator, latents, callback_on_step_end=None, callback_on_step_end_tensor_inputs=(),
-                tiling=None):
+                tiling=None, window_contexts=None):
         """The sampler's loop from z_T ([B, c, h, w] ``shape``, or the given ``latents``) to z_0: eps_theta on
-        ``cond`` (its batch is [null, cond] when ``guidance_scale`` is set; over ``tiling``'s windows when given),
-        guided, one scheduler step each."""
+        ``cond`` (its batch is [null, cond] when ``guidance_scale`` is set; over ``tiling``'s windows when given,
+        with ``window_contexts(origins)`` where the tokens depend on the window), guided, one scheduler step each."""
         # timesteps stay on the CPU, where the schedulers' tables (alphas_cumprod, sigmas) live: on a GPU,
         # device timesteps make every step() index a CPU table with a GPU scalar, a synchronising copy
         # (measured on an H100: 1.28x the stock pipeline's time per image with DPM++, 1.01x without;
@@ -466,9 +467,16 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         unet_timesteps = self.scheduler.timesteps.to(latents.device) if fast_on_device else self.scheduler.timesteps
         # in the UNet's dtype once (e.g. a half-precision text encoder in front of a float32 UNet), not every step
         context = None if cond.context is None else cond.context.to(latents.dtype)
+
+        def eps_of(x, t, origins):
+            if origins is None or context is None:
+                return self._eps(x, t, context)
+            windows = context.repeat(len(origins), 1, 1) if window_contexts is None else window_contexts(origins)
+            return self._eps(x, t, windows.to(latents.dtype))
+
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = self.tiled(lambda x: self._eps(x, unet_timesteps[i], context), cond.model_input(model_input), tiling)  # noqa: B023
+            eps = self.tiled(lambda x, places: eps_of(x, unet_timesteps[i], places), cond.model_input(model_input), tiling)  # noqa: B023
             if guided:
                 eps_null, eps_cond = eps.chunk(2)
                 eps = eps_null + guidance_scale * (eps_cond - eps_null)

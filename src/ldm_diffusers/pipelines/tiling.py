@@ -16,18 +16,20 @@ linearly (not CompVis' weighting) and its VQModel has no tiling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """Latent windows: ``tile`` and ``stride`` in latent pixels (h, w); CompVis' weight clipping."""
+    """Latent windows: ``tile`` and ``stride`` in latent pixels (h, w); ``batch`` windows per model call (memory
+grows with it, time per window falls); CompVis' weight clipping."""
 
     tile: tuple[int, int]
     stride: tuple[int, int]
+    batch: int = 4
     clip_min_weight: float = 0.01
     clip_max_weight: float = 0.5
     tie_breaker: bool = False
@@ -71,20 +73,22 @@ def window_weights(tiling: Tiling, scale: int, rows: int, cols: int) -> Callable
     return weight
 
 
-def blend_windows(fn: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor], x: torch.Tensor, tiling: Tiling,
+def blend_windows(fn: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tensor], x: torch.Tensor, tiling: Tiling,
                   scale: int = 1) -> torch.Tensor:
-    """fn(window of x [B, C, th, tw], (top, left) in latent pixels) -> [B, C', th * scale, tw * scale], applied to
-    every window of x [B, C, h, w] and blended with CompVis' weights into [B, C', h * scale, w * scale]."""
+    """fn(windows, origins) -> outputs, applied to the windows of x [B, C, h, w] ``tiling.batch`` at a time (the
+    windows stacked along the batch: [n * B, C, th, tw], with their (top, left) in latent pixels; outputs
+    [n * B, C', th * scale, tw * scale]) and blended with CompVis' weights into [B, C', h * scale, w * scale]."""
     height, width = x.shape[-2:]
     tile = (min(tiling.tile[0], height), min(tiling.tile[1], width))
-    tiling = Tiling(tile, tiling.stride, tiling.clip_min_weight, tiling.clip_max_weight, tiling.tie_breaker,
-                    tiling.clip_min_tie_weight, tiling.clip_max_tie_weight)
     tops, lefts = origins(height, tile[0], tiling.stride[0]), origins(width, tile[1], tiling.stride[1])
-    weight = window_weights(tiling, scale, len(tops), len(lefts))
+    weight = window_weights(replace(tiling, tile=tile), scale, len(tops), len(lefts))
+    places = [(row, col, top, left) for row, top in enumerate(tops) for col, left in enumerate(lefts)]
     total = norm = None
-    for row, top in enumerate(tops):
-        for col, left in enumerate(lefts):
-            out = fn(x[..., top:top + tile[0], left:left + tile[1]], (top, left))
+    for start in range(0, len(places), max(1, tiling.batch)):
+        chunk = places[start:start + max(1, tiling.batch)]
+        windows = torch.cat([x[..., top:top + tile[0], left:left + tile[1]] for _, _, top, left in chunk])
+        outputs = fn(windows, [(top, left) for _, _, top, left in chunk]).chunk(len(chunk))
+        for (row, col, top, left), out in zip(chunk, outputs):
             w = weight(row, col).to(out.device, out.dtype)
             if total is None:
                 total = out.new_zeros(*out.shape[:-2], height * scale, width * scale)
@@ -103,18 +107,20 @@ class TiledSamplingMixin:
     tiling: Tiling | None = None
 
     def enable_tiled_sampling(self, tile_size: int | None = None, tile_stride: int | None = None,
-                              tie_breaker: bool = False) -> None:
+                              tie_breaker: bool = False, tile_batch: int = 4) -> None:
         """Denoise and decode latents larger than one window in overlapping windows, blended as the original
         code's ``split_input_params``. ``tile_size`` / ``tile_stride`` in image pixels, multiples of the
         autoencoder's f (default: the UNet's trained size, and half of it: the CompVis notebook's 128 / 64 latent
-        pixels at its scale). Images no larger than one window are sampled exactly as without tiling."""
-        self.tiling = self.tiling_for(tile_size, tile_stride, tie_breaker)
+        pixels at its scale). ``tile_batch`` windows go through the model at once. Images no larger than one
+        window are sampled exactly as without tiling."""
+        self.tiling = self.tiling_for(tile_size, tile_stride, tie_breaker, tile_batch)
 
     def disable_tiled_sampling(self) -> None:
         """Back to one pass over the whole latent."""
         self.tiling = None
 
-    def tiling_for(self, tile_size: int | None, tile_stride: int | None, tie_breaker: bool = False) -> Tiling:
+    def tiling_for(self, tile_size: int | None, tile_stride: int | None, tie_breaker: bool = False,
+                   tile_batch: int = 4) -> Tiling:
         """The latent windows for ``tile_size`` / ``tile_stride`` pixels (see :meth:`enable_tiled_sampling`)."""
         f = self.vae_scale_factor
         trained = self.unet.config.sample_size
@@ -127,22 +133,38 @@ class TiledSamplingMixin:
                                  f"got {value!r}.")
         if stride > tile:
             raise ValueError(f"tile_stride={stride} is larger than tile_size={tile}: the windows would leave gaps.")
-        return Tiling((tile // f, tile // f), (stride // f, stride // f), tie_breaker=tie_breaker)
+        if not isinstance(tile_batch, int) or tile_batch < 1:
+            raise ValueError(f"tile_batch must be a positive int (windows per model call), got {tile_batch!r}.")
+        return Tiling((tile // f, tile // f), (stride // f, stride // f), tile_batch, tie_breaker=tie_breaker)
 
-    def call_tiling(self, tile_size: int | None, tile_stride: int | None, mode, latent_size: tuple[int, int]):
-        """The tiling of one call: its ``tile_size`` / ``tile_stride`` if given, else the pipeline's; refused for a
-        mode whose cross-attention tokens depend on the window when the latent needs more than one."""
-        tiling = self.tiling if tile_size is None and tile_stride is None else self.tiling_for(tile_size, tile_stride)
-        if tiling is not None and not tiling.covers(*latent_size) and not mode.same_context_per_window:
-            raise NotImplementedError(f"Tiled sampling of {mode.name} models (cross-attention tokens that depend on "
-                                      f"the window) is not implemented; sample at most "
-                                      f"{tiling.tile[0] * self.vae_scale_factor} px.")
-        return tiling
+    def call_tiling(self, tile_size: int | None, tile_stride: int | None) -> Tiling | None:
+        """The tiling of one call: its ``tile_size`` / ``tile_stride`` if given, else the pipeline's."""
+        return self.tiling if tile_size is None and tile_stride is None else self.tiling_for(tile_size, tile_stride)
+
+    def window_contexts(self, mode, cond, tiling: Tiling | None, latent_size: tuple[int, int]):
+        """origins -> the cross-attention tokens of those windows stacked along the batch (each computed once per
+        call), for modes whose tokens depend on the window (CompVis' layout crop tokens); None where every window
+        shares the call's tokens."""
+        if tiling is None or tiling.covers(*latent_size) or mode.same_context_per_window:
+            return None
+        height, width = latent_size
+        tile = (min(tiling.tile[0], height), min(tiling.tile[1], width))
+        cache = {}
+
+        def context_at(origin: tuple[int, int]) -> torch.Tensor:
+            if origin not in cache:
+                top, left = origin
+                box = (left / width, top / height, tile[1] / width, tile[0] / height)
+                cache[origin] = mode.window_context(self, cond, box)
+            return cache[origin]
+
+        return lambda places: torch.cat([context_at(origin) for origin in places])
 
     @staticmethod
-    def tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiling: Tiling | None,
-              scale: int = 1) -> torch.Tensor:
-        """fn(x), or fn over ``tiling``'s windows of x blended (``scale``: output pixels per latent pixel)."""
+    def tiled(fn: Callable[[torch.Tensor, list[tuple[int, int]] | None], torch.Tensor], x: torch.Tensor,
+              tiling: Tiling | None, scale: int = 1) -> torch.Tensor:
+        """fn(x, None), or fn(windows, origins) over ``tiling``'s windows of x (stacked along the batch, see
+        :func:`blend_windows`), blended (``scale``: output pixels per latent pixel)."""
         if tiling is None or tiling.covers(*x.shape[-2:]):
-            return fn(x)
-        return blend_windows(lambda window, _origin: fn(window), x, tiling, scale)
+            return fn(x, None)
+        return blend_windows(fn, x, tiling, scale)
