@@ -499,3 +499,33 @@ def test_training_inputs_condition_the_unet_as_a_users_image_does(mode_name):
     sampled = mode.condition(pipe, user, (8, 8)).concat
     assert trained.shape == sampled.shape
     assert (trained - sampled).abs().max().item() < 0.05  # 8-bit rounding of the image; a range error is ~1
+
+
+def test_inpainting_keeps_the_known_pixels_and_blends_the_seam_on_request():
+    """Outside the mask the output is the input image (up to the [-1, 1] round trip's float rounding, < 1e-6),
+    inside it the generated pixels; mask_blur=2 mixes the two within 3 sigma = 6 px outside the mask only."""
+    from helpers.models import gradient
+
+    pipe = concat_pipe(4)
+    image = gradient(32, 32)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    inside = np.zeros((32, 32), bool)
+    inside[8:24, 8:24] = True
+    known = np.asarray(image, np.float64) / 255
+    out = run(pipe, image=image, mask_image=mask, num_images_per_prompt=2)
+    whole = run(pipe, image=image, mask_image=mask, num_images_per_prompt=2, keep_unmasked=False)
+    assert np.abs(out[:, ~inside] - known[~inside]).max() < 1e-6
+    assert np.array_equal(out[:, inside], whole[:, inside])
+    assert np.abs(whole[:, ~inside] - known[~inside]).max() > 0.01  # the decoder alone would change them
+    blurred = run(pipe, image=image, mask_image=mask, num_images_per_prompt=2, mask_blur=2)
+    far = np.ones((32, 32), bool)
+    far[2:30, 2:30] = False  # more than 6 px from the mask
+    assert np.abs(blurred[:, far] - known[far]).max() < 1e-6 and np.array_equal(blurred[:, inside], whole[:, inside])
+    seam = np.zeros((32, 32), bool)
+    seam[7, 8:24] = True  # 1 px above the mask
+    assert np.abs(blurred[:, seam] - known[seam]).min() > 0
+    with pytest.raises(ValueError, match="mask_blur must be a number of pixels"):
+        pipe(image=image, mask_image=mask, mask_blur=-1)
+    with pytest.raises(TypeError, match="keep_unmasked must be True"):
+        pipe(image=image, mask_image=mask, keep_unmasked="yes")

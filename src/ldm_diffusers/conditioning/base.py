@@ -275,8 +275,8 @@ class ConditioningMode:
         """What the demo lists beside the images for ``inputs`` (text-like inputs; images are files)."""
         return {}
 
-    def finish_images(self, images: list, inputs: dict) -> list:
-        """The demo's last touch to the sampled PIL ``images`` (inpainting pastes the unmasked pixels back)."""
+    def finish(self, pipe, values: dict, images: torch.Tensor) -> torch.Tensor:
+        """The decoded images [B, 3, H, W] in [-1, 1], finished (inpainting pastes the known pixels back)."""
         return images
 
 

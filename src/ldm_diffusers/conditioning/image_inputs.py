@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers.image_processor import VaeImageProcessor
 
 from .base import shown
@@ -29,6 +30,18 @@ def image_tensor(image) -> torch.Tensor:
 def mask_tensor(mask) -> torch.Tensor:
     """Mask image(s) -> [B, 1, H, W] in {0, 1} (1 = fill)."""
     return _masks.preprocess(mask)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x [B, C, H, W] blurred by a Gaussian of ``sigma`` pixels (separable, edges replicated). Here because the
+    library blurs (diffusers' VaeImageProcessor.blur, PIL's GaussianBlur) take PIL images, not batched tensors."""
+    radius = max(1, int(3 * sigma))
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    x = F.pad(x, (radius,) * 4, mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 # (accepted types, value range of tensors, value range of arrays, dimensions of tensors / arrays) per input kind

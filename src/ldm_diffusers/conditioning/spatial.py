@@ -29,8 +29,8 @@ from ..models.unet import unet_cross_attends
 from ..utils.arguments import positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
 from . import widgets
-from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, conditioning_encoders
-from .image_inputs import check_divisible, check_image_input, check_rgb, image_tensor, mask_tensor
+from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, conditioning_encoders, is_real
+from .image_inputs import check_divisible, check_image_input, check_rgb, gaussian_blur, image_tensor, mask_tensor
 
 
 def concat_channels(pipe) -> int:
@@ -126,7 +126,7 @@ class InpaintingMode(ConditioningMode):
 
     kind = "concat"
     name = "inpainting"
-    inputs = ("mask_image", "image")
+    inputs = ("mask_image", "image", "keep_unmasked", "mask_blur")
     title = "inpainting"
     conditioned_on = "an image and a mask of the region to fill"
     usage = "image = pipe(image=image, mask_image=mask).images[0]"
@@ -163,9 +163,20 @@ class InpaintingMode(ConditioningMode):
                   "fill in", elem_id="inpaint-editor")
         return [editor], widgets.inpainting_inputs
 
-    def finish_images(self, images, inputs):
-        """Outside the mask, the user's pixels (as CompVis' inpaint.py pastes them back)."""
-        return [widgets.paste_unmasked(image, inputs["image"], inputs["mask_image"]) for image in images]
+    def finish(self, pipe, values, images):
+        """Outside the mask the user's pixels, as CompVis' scripts/inpaint.py pastes them back (``keep_unmasked=False``
+        keeps the decoded image whole); ``mask_blur`` > 0 (pixels, default 0 as CompVis) softens the seam with a
+        Gaussian of that standard deviation, the filled region staying generated."""
+        if values.get("keep_unmasked") is False:
+            return images
+        image = image_tensor(values["image"]).to(images)
+        mask = mask_tensor(values["mask_image"]).to(images).ge(0.5).to(images.dtype)
+        blur = values.get("mask_blur") or 0
+        if blur:
+            mask = torch.maximum(mask, gaussian_blur(mask, blur))
+        repeat = images.shape[0] // image.shape[0]  # num_images_per_prompt
+        image, mask = image.repeat_interleave(repeat, 0), mask.expand(image.shape[0], -1, -1, -1).repeat_interleave(repeat, 0)
+        return (1 - mask) * image + mask * images
 
     def is_selected(self, values):
         if values.get("mask_image") is not None and values.get("image") is None:
@@ -187,6 +198,11 @@ class InpaintingMode(ConditioningMode):
         if mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"Got {mask.shape[0]} masks (mask_image) for {image.shape[0]} images (image); pass one mask, "
                              "or one per image.")
+        blur, keep = values.get("mask_blur"), values.get("keep_unmasked")
+        if blur is not None and (not is_real(blur) or not 0 <= blur <= 64):
+            raise ValueError(f"mask_blur must be a number of pixels in 0..64 (0: a hard seam, as CompVis), got {blur!r}.")
+        if keep is not None and not isinstance(keep, bool):
+            raise TypeError(f"keep_unmasked must be True (paste the known pixels back) or False, got {keep!r}.")
 
     def output_size(self, pipe, values):
         return tuple(image_tensor(values["image"]).shape[-2:])

@@ -174,8 +174,3 @@ def layout_preview(rows, size: tuple[int, int], n_classes: int, scale: int = 4) 
             draw.rectangle(draw.textbbox(box[:2], label), fill=colors[class_id])
             draw.text(box[:2], label, fill="black")
     return canvas
-
-
-def paste_unmasked(generated: Image.Image, image: Image.Image, mask: Image.Image) -> Image.Image:
-    """The inpainting result: ``generated`` inside the mask (255 = filled in), the user's ``image`` outside it."""
-    return Image.composite(generated.convert("RGB"), image.convert("RGB"), mask.convert("L"))

@@ -35,8 +35,8 @@ class Settings:
 
 
 def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[int, int], None] | None = None):
-    """PIL images of ``pipe`` for the pipeline ``inputs`` (as the mode's demo widgets give them), with the mode's
-    last touch (inpainting pastes the unmasked pixels back). ``scheduler``: the model's own, which
+    """PIL images of ``pipe`` for the pipeline ``inputs`` (as the mode's demo widgets give them; the pipeline pastes
+    an inpainting's unmasked pixels back). ``scheduler``: the model's own, which
     ``settings.sampler`` switches from; ``on_step(done, total)`` is called after every denoising step."""
     pipe.scheduler = scheduler if settings.sampler == "model" else switch_sampler(scheduler, settings.sampler)
     if settings.fast and pipe.fast_sampling is None:
@@ -47,12 +47,11 @@ def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[in
     def step_done(p, i, t, tensors):
         on_step(i + 1, len(p.scheduler.timesteps))
 
-    images = pipe(**inputs, num_images_per_prompt=settings.num_images if inputs else 1,
-                  batch_size=settings.num_images, num_inference_steps=settings.steps,
-                  guidance_scale=settings.guidance_scale, eta=0.0,
-                  generator=torch.Generator("cpu").manual_seed(settings.seed),
-                  callback_on_step_end=step_done if on_step else None).images
-    return pipe.select_mode(inputs).finish_images(images, inputs)
+    return pipe(**inputs, num_images_per_prompt=settings.num_images if inputs else 1,
+                batch_size=settings.num_images, num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale, eta=0.0,
+                generator=torch.Generator("cpu").manual_seed(settings.seed),
+                callback_on_step_end=step_done if on_step else None).images
 
 
 def write_inputs(mode, inputs: dict, folder: str | Path) -> tuple[list[str], list[Path]]:

@@ -438,7 +438,7 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
             images = latents
         else:
             decoded = self.decode_latents(latents.to(self.vae.dtype), tiling)
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
+            images = self.image_processor.postprocess(mode.finish(self, values, decoded), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
