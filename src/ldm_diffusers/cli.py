@@ -5,6 +5,7 @@
     ldm-diffusers evaluate-autoencoder outputs/kl-f4
     ldm-diffusers generate "an emoji of a red apple" --out apple.png          # the built-in emoji model
     ldm-diffusers generate "an emoji of red apple" --model outputs/ldm --out apple.png
+    ldm-diffusers upscale photo.png --model converted/bsr_sr --out photo-4x.png       # tiled above the trained size
     ldm-diffusers train --pretrained_vae_model_name_or_path outputs/kl-f4 --conditioning text --output_dir outputs/ldm
     ldm-diffusers export outputs/ldm --output model.ckpt --config model.yaml   # back to a CompVis checkpoint
     ldm-diffusers demo --model outputs/ldm --port 7860                        # a web demo in the browser
@@ -72,6 +73,12 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_type(0, 2**64 - 1), default=0)
     p.add_argument("--height", type=positive_int, default=None, help="A multiple of the autoencoder's f.")
     p.add_argument("--width", type=positive_int, default=None, help="A multiple of the autoencoder's f.")
+    p.add_argument("--tile_size", type=positive_int, default=None,
+                   help="Sample in overlapping windows of this many pixels (pipe.enable_tiled_sampling); by default "
+                        "windows of the trained size when the image is larger than it.")
+    p.add_argument("--tile_stride", type=positive_int, default=None, help="Window stride in pixels (default: half).")
+    p.add_argument("--no_tiling", action="store_true",
+                   help="Run the UNet over the whole latent at any size (the paper's convolutional sampling).")
     p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fast", action="store_true",
                    help="Compile the UNet and decoder first (pipe.enable_fast_sampling(): the same images, faster "
@@ -131,6 +138,12 @@ def check_generate_args(p: argparse.ArgumentParser, a: argparse.Namespace, pipe)
     for flag, value in (("--height", a.height), ("--width", a.width)):
         if value is not None and value % f:
             p.error(f"{flag} {value} must be a multiple of the model's autoencoder factor f={f}.")
+    if a.no_tiling and (a.tile_size or a.tile_stride):
+        p.error("--no_tiling with --tile_size / --tile_stride: choose one.")
+    try:
+        pipe.tiling_for(a.tile_size, a.tile_stride)
+    except ValueError as err:
+        p.error(f"--{err}")
     if a.steps > pipe.max_inference_steps():
         p.error(f"--steps {a.steps}: this model's {type(pipe.scheduler).__name__} takes at most "
                 f"{pipe.max_inference_steps()} steps.")
@@ -165,6 +178,12 @@ def _generate(argv):
         pipe.scheduler = switch_sampler(pipe.scheduler, a.scheduler)
     check_generate_args(generate_parser(), a, pipe)
     inputs = conditioning_inputs(a)
+    size = pipe.select_mode(inputs).output_size(pipe, inputs) or (a.height or 0, a.width or 0)
+    trained = pipe.tiling_for(None, None).tile[0] * pipe.vae_scale_factor
+    if not a.no_tiling and (a.tile_size or a.tile_stride or max(size) > trained):
+        pipe.enable_tiled_sampling(a.tile_size, a.tile_stride)
+        f = pipe.vae_scale_factor
+        print(f"tiled sampling: windows of {pipe.tiling.tile[0] * f} px every {pipe.tiling.stride[0] * f} px")
     if a.fast:
         pipe.enable_fast_sampling(backend=a.fast_backend)
         print(f"fast sampling with {pipe.fast_sampling.backend}: {pipe.fast_sampling.reason}")
@@ -182,6 +201,64 @@ def _generate(argv):
     compiling = sum(pipe.fast_sampling.compile_seconds.values()) if a.fast else 0.0
     print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s"
           + (f" ({compiling:.1f} s of it compiling)" if a.fast else "") + f" -> {a.out}")
+
+
+def _upscale(argv):
+    import torch
+    import torch.nn.functional as F
+
+    from .conditioning.image_inputs import image_tensor
+    from .conditioning.spatial import open_image
+    from .pipelines import LDMPipeline
+
+    p = argparse.ArgumentParser(
+        prog="ldm-diffusers upscale",
+        description="Super-resolution of an image of any size with a super-resolution LDMPipeline (e.g. CompVis' "
+        "bsr_sr converted with `ldm-diffusers convert`): the output is f times larger. Above the model's trained "
+        "size it samples in overlapping windows (pipe.enable_tiled_sampling), so memory stays bounded; sides that "
+        "the UNet cannot take are padded (reflected) and cropped back.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("image", help="The low-resolution image file.")
+    p.add_argument("--model", required=True, help="Super-resolution LDMPipeline folder or Hub id.")
+    p.add_argument("--out", default="upscaled.png", help="Output image file.")
+    p.add_argument("--steps", type=positive_int, default=100, help="DDIM steps (CompVis' notebook: 100).")
+    p.add_argument("--eta", type=non_negative_float, default=1.0, help="DDIM eta (CompVis' notebook: 1).")
+    p.add_argument("--seed", type=int_type(0, 2**64 - 1), default=0)
+    p.add_argument("--tile_size", type=positive_int, default=None,
+                   help="Window side in output pixels (default: the model's trained size); an image within one "
+                        "window is sampled whole.")
+    p.add_argument("--tile_stride", type=positive_int, default=None, help="Window stride in output pixels "
+                   "(default: half the window).")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    check_model_path(p, "--model", a.model)
+    try:
+        low = open_image("IMAGE", a.image, "RGB")
+    except ValueError as err:
+        p.error(str(err))
+    pipe = LDMPipeline.from_pretrained(a.model).to(a.device)
+    if pipe.mode.name != "super_resolution":
+        p.error(f"--model {a.model} is a {pipe.mode.name} model, not a super-resolution one.")
+    try:
+        pipe.enable_tiled_sampling(a.tile_size, a.tile_stride)
+    except ValueError as err:
+        p.error(str(err))
+    multiple = 2 ** (len(pipe.unet.config.block_out_channels) - 1)  # the UNet halves the latent this often
+    width, height = low.size
+    pad = (-width % multiple, -height % multiple)
+    pixels = F.pad(image_tensor(low), (0, pad[0], 0, pad[1]), mode="reflect" if min(width, height) > max(pad) else "replicate")
+    if any(pad):
+        print(f"padded {width}x{height} to {width + pad[0]}x{height + pad[1]} (the UNet takes multiples of {multiple}); "
+              "the output is cropped back")
+    f = pipe.vae_scale_factor
+    start = time.perf_counter()
+    out = pipe(image=pixels, num_inference_steps=a.steps, eta=a.eta, output_type="pil",
+               generator=torch.Generator("cpu").manual_seed(a.seed)).images[0]
+    out.crop((0, 0, width * f, height * f)).save(a.out)
+    windows = "one window" if pipe.tiling.covers(height + pad[1], width + pad[0]) else (
+        f"windows of {pipe.tiling.tile[0] * f} px every {pipe.tiling.stride[0] * f} px")
+    print(f"{width}x{height} -> {width * f}x{height * f} in {time.perf_counter() - start:.1f} s ({windows}) -> {a.out}")
 
 
 def _train(argv):
@@ -317,6 +394,7 @@ COMMANDS = {
     "build-emoji": (_build_emoji, "render the built-in emoji dataset"),
     "train-autoencoder": (_train_autoencoder, "train a KL/VQ stage-1 autoencoder"),
     "generate": (_generate, "sample images from a trained LDMPipeline"),
+    "upscale": (_upscale, "super-resolution of an image of any size (tiled)"),
     "train": (_train, "train a latent diffusion model (any conditioning mode)"),
     "evaluate-autoencoder": (_evaluate_autoencoder, "PSNR / SSIM / rFID of a saved autoencoder"),
     "convert": (_convert, "convert a released CompVis checkpoint + config"),

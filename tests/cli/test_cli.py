@@ -74,3 +74,28 @@ def test_evaluate_script_reports_sample_metrics(text_model, emoji16_tiny, tmp_pa
     assert metrics["is_efficientnet_mean"] >= 1.0 and metrics["seconds_per_image"] > 0
     assert out.with_suffix(".png").is_file()
     assert list((tmp_path / "cache" / "fid-references").glob("validation-*.npz"))  # reference features cached
+
+
+def test_upscale_tiles_above_the_trained_size_and_pads_odd_sides(tmp_path, capsys):
+    """A tiny super-resolution pipeline (f = 4, trained on 8 x 8 latents, a UNet that halves once): a 13 x 22 image
+    is padded to 14 x 22, sampled in windows of 8 latent pixels every 4, and cropped back to 52 x 88."""
+    from helpers.models import concat_pipe, gradient, make_pipe
+
+    concat_pipe(3).save_pretrained(tmp_path / "sr")
+    gradient(22, 13).save(tmp_path / "low.png")
+    main(["upscale", str(tmp_path / "low.png"), "--model", str(tmp_path / "sr"), "--steps", "2",
+          "--out", str(tmp_path / "big.png")])
+    printed = capsys.readouterr().out
+    assert "padded 22x13 to 22x14" in printed and "windows of 32 px every 16 px" in printed
+    assert Image.open(tmp_path / "big.png").size == (88, 52)
+    make_pipe("class").save_pretrained(tmp_path / "class")
+    with pytest.raises(SystemExit):
+        main(["upscale", str(tmp_path / "low.png"), "--model", str(tmp_path / "class")])
+    assert "is a class model, not a super-resolution one" in capsys.readouterr().err
+    main(["generate", "--model", str(tmp_path / "class"), "--class_labels", "1", "--steps", "1", "--height", "64",
+          "--out", str(tmp_path / "tall.png")])
+    assert "tiled sampling: windows of 32 px every 16 px" in capsys.readouterr().out
+    assert Image.open(tmp_path / "tall.png").size == (32, 64)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tmp_path / "class"), "--class_labels", "1", "--tile_size", "30"])
+    assert "--tile_size must be a positive multiple of the autoencoder's factor f=4" in capsys.readouterr().err
