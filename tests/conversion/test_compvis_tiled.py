@@ -40,7 +40,7 @@ def test_tiled_sampling_matches_the_original_split_input(name, compvis_checkpoin
     pipe.set_progress_bar_config(disable=True)
     ref = load_file(COMPVIS_FIXTURES / name / "tiled_reference.safetensors")
     meta = json.loads((COMPVIS_FIXTURES / name / "tiled_meta.json").read_text())
-    pipe.enable_tiled_sampling(tile_size=meta["tile_size_px"], tile_stride=meta["tile_stride_px"])
+    pipe.enable_tiled_sampling(tile_size=meta["tile_size_px"], tile_stride=meta["tile_stride_px"], tile_batch=25)
     values, size = _inputs(ref, meta), (meta["latent_side"],) * 2
     assert pipe.tiling.tile == tuple(meta["split_input_params"]["ks"])
     with torch.no_grad():
