@@ -303,3 +303,16 @@ def test_examples_app_is_the_space_app_of_the_builtin_model():
     assert example.read_text() == space_files("builtin:emoji-text-to-image")["app.py"]
     with pytest.raises(ValueError, match="A Space cannot load"):
         space_files("./outputs/ldm")
+
+
+def test_a_large_upload_is_sampled_in_windows_with_progress_over_windows_and_steps():
+    """A 24 x 24 low-resolution upload for a super-resolution model trained on 8 x 8 latents: 5 x 5 windows for
+    each of 2 steps and the decode, progress reported after every model call and ending at 25 x 3."""
+    pipe = demo_pipe("super_resolution")
+    seen = []
+    images = run(pipe, pipe.scheduler, {"image": gradient(24, 24)}, Settings("ddim", 2), lambda d, t: seen.append((d, t)))
+    assert images[0].size == (96, 96)
+    assert seen[-1] == (75, 75) and all(t == 75 for _, t in seen) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert len(seen) == 3 * 7  # 25 windows, 4 per call: 7 calls per pass
+    small = run(pipe, pipe.scheduler, {"image": gradient(8, 8)}, Settings("ddim", 2), lambda d, t: seen.append((d, t)))
+    assert small[0].size == (32, 32) and seen[-2:] == [(1, 2), (2, 2)]  # one window: progress per step

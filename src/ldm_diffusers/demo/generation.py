@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,11 +47,25 @@ def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[in
     def step_done(p, i, t, tensors):
         on_step(i + 1, len(p.scheduler.timesteps))
 
+    size, f = pipe.select_mode(inputs).output_size(pipe, inputs), pipe.vae_scale_factor
+    pipe.tiling = None
+    if size is not None and not pipe.tiling_for(None, None).covers(size[0] // f, size[1] // f):
+        # a large upload: windows of the trained size, the progress counted in windows x (steps + the decode)
+        windows = pipe.tiling_for(None, None).count(size[0] // f, size[1] // f)
+        total, done = windows * (settings.steps + 1), [0]
+
+        def window_done(n):
+            done[0] += n
+            on_step(min(done[0], total), total)
+
+        pipe.tiling = replace(pipe.tiling_for(None, None), progress=window_done if on_step else None)
+        step_done = None
+
     return pipe(**inputs, num_images_per_prompt=settings.num_images if inputs else 1,
                 batch_size=settings.num_images, num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance_scale, eta=0.0,
                 generator=torch.Generator("cpu").manual_seed(settings.seed),
-                callback_on_step_end=step_done if on_step else None).images
+                callback_on_step_end=step_done if on_step and step_done else None).images
 
 
 def write_inputs(mode, inputs: dict, folder: str | Path) -> tuple[list[str], list[Path]]:

@@ -17,7 +17,7 @@ linearly (not CompVis' weighting) and its VQModel has no tiling.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,8 @@ import torch
 @dataclass(frozen=True)
 class Tiling:
     """Latent windows: ``tile`` and ``stride`` in latent pixels (h, w); ``batch`` windows per model call (memory
-grows with it, time per window falls); CompVis' weight clipping."""
+grows with it, time per window falls); CompVis' weight clipping; ``progress(n)``, if set, is told after every
+model call how many windows it ran."""
 
     tile: tuple[int, int]
     stride: tuple[int, int]
@@ -35,10 +36,18 @@ grows with it, time per window falls); CompVis' weight clipping."""
     tie_breaker: bool = False
     clip_min_tie_weight: float = 0.01
     clip_max_tie_weight: float = 0.5
+    progress: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
     def covers(self, height: int, width: int) -> bool:
         """Whether one window holds a latent of this size (then nothing is tiled)."""
         return height <= self.tile[0] and width <= self.tile[1]
+
+    def count(self, height: int, width: int) -> int:
+        """How many windows a latent of this size takes (1 where one window holds it)."""
+        if self.covers(height, width):
+            return 1
+        return (len(origins(height, min(self.tile[0], height), self.stride[0]))
+                * len(origins(width, min(self.tile[1], width), self.stride[1])))
 
 
 def delta_border(height: int, width: int) -> torch.Tensor:
@@ -97,6 +106,8 @@ def blend_windows(fn: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tens
             cols = slice(left * scale, (left + tile[1]) * scale)
             total[..., rows, cols] += out * w
             norm[rows, cols] += w
+        if tiling.progress is not None:
+            tiling.progress(len(chunk))
     return total / norm
 
 
