@@ -529,3 +529,24 @@ def test_inpainting_keeps_the_known_pixels_and_blends_the_seam_on_request():
         pipe(image=image, mask_image=mask, mask_blur=-1)
     with pytest.raises(TypeError, match="keep_unmasked must be True"):
         pipe(image=image, mask_image=mask, keep_unmasked="yes")
+
+
+def test_inpainting_pads_odd_sides_and_crops_back(caplog):
+    """A 26 x 30 image (not a multiple of f = 4 times the UNet's 2): sampled at 32 x 32, the result 26 x 30 with
+    the known pixels in place, and the padding said in a warning."""
+    from diffusers.utils import logging as diffusers_logging
+    from helpers.models import gradient
+
+    pipe = concat_pipe(4)
+    image = gradient(26, 30)
+    mask = Image.new("L", (26, 30), 0)
+    mask.paste(255, (5, 5, 15, 20))
+    diffusers_logging.enable_propagation()
+    try:
+        out = run(pipe, image=image, mask_image=mask)
+    finally:
+        diffusers_logging.disable_propagation()
+    assert out.shape == (1, 30, 26, 3)
+    keep = np.asarray(mask) == 0
+    assert np.abs(out[0][keep] - np.asarray(image, np.float64)[keep] / 255).max() < 1e-6
+    assert "padded to 32x32" in caplog.text

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import logging
 
 from ..data.masks import random_inpainting_mask
 from ..data.scenes import scene_classes
@@ -31,6 +32,8 @@ from ..utils.model_cards import CardDetails, ComponentCardMixin
 from . import widgets
 from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, conditioning_encoders, is_real
 from .image_inputs import check_divisible, check_image_input, check_rgb, gaussian_blur, image_tensor, mask_tensor
+
+logger = logging.get_logger(__name__)
 
 
 def concat_channels(pipe) -> int:
@@ -166,10 +169,12 @@ class InpaintingMode(ConditioningMode):
     def finish(self, pipe, values, images):
         """Outside the mask the user's pixels, as CompVis' scripts/inpaint.py pastes them back (``keep_unmasked=False``
         keeps the decoded image whole); ``mask_blur`` > 0 (pixels, default 0 as CompVis) softens the seam with a
-        Gaussian of that standard deviation, the filled region staying generated."""
+        Gaussian of that standard deviation, the filled region staying generated. A padded image is cropped back to
+        its size."""
+        image = image_tensor(values["image"]).to(images)
+        images = images[..., :image.shape[-2], :image.shape[-1]]  # the padding off
         if values.get("keep_unmasked") is False:
             return images
-        image = image_tensor(values["image"]).to(images)
         mask = mask_tensor(values["mask_image"]).to(images).ge(0.5).to(images.dtype)
         blur = values.get("mask_blur") or 0
         if blur:
@@ -191,7 +196,6 @@ class InpaintingMode(ConditioningMode):
         check_image_input("image", values["image"])
         check_image_input("mask_image", values["mask_image"], "mask")
         image = check_rgb(values["image"])
-        check_divisible("image", tuple(image.shape[-2:]), pipe)
         mask = mask_tensor(values["mask_image"])
         if mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"mask_image is {tuple(mask.shape[-2:])} but image is {tuple(image.shape[-2:])}; they must match.")
@@ -204,8 +208,18 @@ class InpaintingMode(ConditioningMode):
         if keep is not None and not isinstance(keep, bool):
             raise TypeError(f"keep_unmasked must be True (paste the known pixels back) or False, got {keep!r}.")
 
+    @staticmethod
+    def padding(pipe, size) -> tuple[int, int]:
+        """(bottom, right) pixels that bring ``size`` (height, width) to sides the model takes: multiples of the
+        autoencoder's f times the UNet's downsampling (2 ** (levels - 1))."""
+        multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        return -size[0] % multiple, -size[1] % multiple
+
     def output_size(self, pipe, values):
-        return tuple(image_tensor(values["image"]).shape[-2:])
+        """The image's size, padded to sides the model takes (the result is cropped back in :meth:`finish`)."""
+        h, w = image_tensor(values["image"]).shape[-2:]
+        pad = self.padding(pipe, (h, w))
+        return h + pad[0], w + pad[1]
 
     cacheable = False  # a new random mask every step needs a new E(masked image)
 
@@ -227,6 +241,13 @@ class InpaintingMode(ConditioningMode):
             raise ValueError(f"mask_image is {tuple(mask.shape[-2:])} but image is {tuple(image.shape[-2:])}; they must match.")
         if mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"Got {mask.shape[0]} masks for {image.shape[0]} images.")
+        pad = self.padding(pipe, image.shape[-2:])
+        if any(pad):  # the image's edge repeated, marked as known; cropped off in finish()
+            logger.warning(f"inpainting: the {image.shape[-1]}x{image.shape[-2]} image is padded to "
+                           f"{image.shape[-1] + pad[1]}x{image.shape[-2] + pad[0]} (sides the autoencoder and UNet "
+                           "take) and the result cropped back.")
+            image = F.pad(image, (0, pad[1], 0, pad[0]), mode="replicate")
+            mask = F.pad(mask, (0, pad[1], 0, pad[0]))
         device, dtype = pipe._execution_device, pipe.vae.dtype
         # as CompVis' scripts/inpaint.py builds it: the holes black (-1), the mask as -1 (keep) / 1 (fill)
         masked = ((image + 1) / 2 * (1 - mask) * 2 - 1).to(device, dtype)
