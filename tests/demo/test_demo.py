@@ -179,8 +179,7 @@ def test_bad_widget_values_give_messages(call, message):
 
 
 @pytest.mark.parametrize("mode,values,message", [
-    ("inpainting", lambda: [{"background": gradient(30, 30), "layers": [painted(30, (4, 4, 12, 12))]}],
-     "image is 30x30.*divisible by the autoencoder's factor f=4"),
+    ("inpainting", lambda: [{"background": gradient(30, 30), "layers": []}], "Draw a mask first"),
     ("super_resolution", lambda: [None], "Upload a low-resolution image first"),
     ("layout", lambda: [[[9, 0.1, 0.1, 0.5, 0.5]]], "Unknown layout class id 9: this model knows 0..4"),
     ("layout", lambda: [[[1, 0.6, 0.1, 0.5, 0.5]]], "0 <= x0 <= x1 <= 1"),

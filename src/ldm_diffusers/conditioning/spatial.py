@@ -162,7 +162,7 @@ class InpaintingMode(ConditioningMode):
         editor = gr.ImageEditor(
             type="pil", image_mode="RGBA", sources=["upload", "clipboard"], format="png", transforms=(), layers=False,
             brush=gr.Brush(max(2, min(widgets.default_size(pipe)) // 8), colors=["#ff00ff"], color_mode="fixed"),
-            label=f"Upload an image (sides multiples of {pipe.vae_scale_factor}), then paint over the region to "
+            label="Upload an image (any size: larger ones are sampled in windows), then paint over the region to "
                   "fill in", elem_id="inpaint-editor")
         return [editor], widgets.inpainting_inputs
 
