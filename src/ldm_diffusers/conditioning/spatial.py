@@ -212,7 +212,8 @@ class InpaintingMode(ConditioningMode):
     def padding(pipe, size) -> tuple[int, int]:
         """(bottom, right) pixels that bring ``size`` (height, width) to sides the model takes: multiples of the
         autoencoder's f times the UNet's downsampling (2 ** (levels - 1))."""
-        multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        levels = len(pipe.vae.config.block_out_channels) + len(pipe.unet.config.block_out_channels) - 2
+        multiple = 2 ** levels  # f = 2 ** (vae levels - 1) times the UNet's 2 ** (levels - 1)
         return -size[0] % multiple, -size[1] % multiple
 
     def output_size(self, pipe, values):
