@@ -48,17 +48,17 @@ def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[in
         on_step(i + 1, len(p.scheduler.timesteps))
 
     size, f = pipe.select_mode(inputs).output_size(pipe, inputs), pipe.vae_scale_factor
+    trained = pipe.tiling_for(None, None)
     pipe.tiling = None
-    if size is not None and not pipe.tiling_for(None, None).covers(size[0] // f, size[1] // f):
+    if size is not None and not trained.covers(size[0] // f, size[1] // f):
         # a large upload: windows of the trained size, the progress counted in windows x (steps + the decode)
-        windows = pipe.tiling_for(None, None).count(size[0] // f, size[1] // f)
-        total, done = windows * (settings.steps + 1), [0]
+        total, done = trained.count(size[0] // f, size[1] // f) * (settings.steps + 1), [0]
 
         def window_done(n):
             done[0] += n
             on_step(min(done[0], total), total)
 
-        pipe.tiling = replace(pipe.tiling_for(None, None), progress=window_done if on_step else None)
+        pipe.tiling = replace(trained, progress=window_done if on_step else None)
         step_done = None
 
     return pipe(**inputs, num_images_per_prompt=settings.num_images if inputs else 1,

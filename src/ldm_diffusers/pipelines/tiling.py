@@ -42,12 +42,14 @@ model call how many windows it ran."""
         """Whether one window holds a latent of this size (then nothing is tiled)."""
         return height <= self.tile[0] and width <= self.tile[1]
 
+    def window(self, height: int, width: int) -> tuple[int, int]:
+        """The window's size on a latent of this size (no larger than the latent)."""
+        return min(self.tile[0], height), min(self.tile[1], width)
+
     def count(self, height: int, width: int) -> int:
         """How many windows a latent of this size takes (1 where one window holds it)."""
-        if self.covers(height, width):
-            return 1
-        return (len(origins(height, min(self.tile[0], height), self.stride[0]))
-                * len(origins(width, min(self.tile[1], width), self.stride[1])))
+        tile = self.window(height, width)
+        return len(origins(height, tile[0], self.stride[0])) * len(origins(width, tile[1], self.stride[1]))
 
 
 def delta_border(height: int, width: int) -> torch.Tensor:
@@ -88,7 +90,7 @@ def blend_windows(fn: Callable[[torch.Tensor, list[tuple[int, int]]], torch.Tens
     windows stacked along the batch: [n * B, C, th, tw], with their (top, left) in latent pixels; outputs
     [n * B, C', th * scale, tw * scale]) and blended with CompVis' weights into [B, C', h * scale, w * scale]."""
     height, width = x.shape[-2:]
-    tile = (min(tiling.tile[0], height), min(tiling.tile[1], width))
+    tile = tiling.window(height, width)
     tops, lefts = origins(height, tile[0], tiling.stride[0]), origins(width, tile[1], tiling.stride[1])
     weight = window_weights(replace(tiling, tile=tile), scale, len(tops), len(lefts))
     places = [(row, col, top, left) for row, top in enumerate(tops) for col, left in enumerate(lefts)]
@@ -159,7 +161,7 @@ class TiledSamplingMixin:
         if tiling is None or tiling.covers(*latent_size) or mode.same_context_per_window:
             return None
         height, width = latent_size
-        tile = (min(tiling.tile[0], height), min(tiling.tile[1], width))
+        tile = tiling.window(height, width)
         cache = {}
 
         def context_at(origin: tuple[int, int]) -> torch.Tensor:
