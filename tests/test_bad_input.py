@@ -536,6 +536,7 @@ BAD = {
                              NON_FINITE, FLOAT_TEXT),
     "beta": st.one_of(st.floats(1.0, 1e9).map(repr), st.floats(max_value=-1e-9, allow_nan=False).map(repr), NON_FINITE),
     "seed": st.one_of(st.integers(max_value=-1).map(str), st.integers(2**64, 2**70).map(str), INT_TEXT),
+    "class_label": st.one_of(st.integers(max_value=-1).map(str), st.sampled_from(["", " ", "\t"])),  # other text: a name
 }
 GOOD = {
     "positive": st.integers(1, 10**6).map(str), "non_negative": st.integers(0, 10**6).map(str),
@@ -544,7 +545,7 @@ GOOD = {
 }
 GENERATE_FLAGS = {"--steps": "positive", "--batch": "positive", "--height": "positive", "--width": "positive",
                   "--guidance_scale": "non_negative_float", "--eta": "non_negative_float", "--seed": "seed",
-                  "--class_labels": "non_negative"}
+                  "--class_labels": "class_label"}
 TRAIN_FLAGS = {
     "--resolution": "positive", "--train_batch_size": "positive", "--max_train_steps": "positive",
     "--gradient_accumulation_steps": "positive", "--num_train_epochs": "positive", "--context_dim": "positive",

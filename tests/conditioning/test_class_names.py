@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers.models import make_pipe
+from ldm_diffusers.cli import parse_generate_args
 from ldm_diffusers.conditioning.class_label import ClassEmbedder, ClassMode
 
 
@@ -42,3 +43,8 @@ def test_class_names_must_match_the_class_count():
         ClassEmbedder(num_classes=3, class_names=["a", "b"])
     with pytest.raises(ValueError, match="class_names must hold 2 distinct names"):
         ClassEmbedder(num_classes=2, class_names=["a", "a"])
+
+
+def test_generate_takes_ids_and_names():
+    args = parse_generate_args(["--class_labels", "3", "Food & Drink", "+0"])
+    assert args.class_labels == [3, "Food & Drink", 0]

@@ -7,7 +7,7 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from ..utils.arguments import non_negative_int, positive_int
+from ..utils.arguments import class_label, non_negative_int, positive_int
 from ..utils.model_cards import CardDetails, ComponentCardMixin
 from . import widgets
 from .base import Conditioning, ConditioningMode, Encoders, add_argument_once, is_int, shown
@@ -208,14 +208,12 @@ class ClassMode(ConditioningMode):
 
     # -- generate and the demo ----------------------------------------------------------------------
     def add_generate_arguments(self, parser):
-        parser.add_argument("--class_labels", nargs="+", default=None,
+        parser.add_argument("--class_labels", type=class_label, nargs="+", default=None,
                             help="For class-conditional models: class ids or the names the model stores (the "
                                  "built-in emoji-class model: its emoji groups, e.g. \"Food & Drink\").")
 
     def generate_inputs(self, args):
-        if args.class_labels is None:
-            return None
-        return {"class_labels": [int(v) if v.strip().isdigit() else v for v in args.class_labels]}
+        return None if args.class_labels is None else {"class_labels": args.class_labels}
 
     def command_words(self, inputs, folder):
         return ["--class_labels", *(str(c) for c in inputs["class_labels"])]

@@ -32,6 +32,16 @@ def int_type(low: int | None = None, high: int | None = None):
     return parse
 
 
+def class_label(text: str) -> int | str:
+    """An argparse ``type=``: a class id (an integer >= 0) or a class name (any other non-blank text)."""
+    value = text.strip()
+    if not value:
+        raise argparse.ArgumentTypeError(f"must be a class id (an integer >= 0) or a class name, got {text!r}")
+    if value.lstrip("+-").isdigit():
+        return int_type(0)(value)
+    return value
+
+
 def float_type(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
     """An argparse ``type=``: a finite float in [low, high] (``low_open`` / ``high_open``: excluding that end)."""
     parts = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
