@@ -5,10 +5,23 @@ import torch
 from helpers.local_hub import point_huggingface_hub_at
 from helpers.models import tiny_kl
 from helpers.paths import COMPVIS_FIXTURES
+from helpers.scripts import reset_accelerate_state
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Under pytest-xdist (pyproject's addopts: one worker per core) each worker computes on its share of the cores, so
+# that two workers do not oversubscribe them; every tolerance in the suite holds for any thread count.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests (whole scripts in subprocesses, tens of seconds each) first: the workers then share the rest
+    and finish together instead of one worker starting a long test when the other is done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
@@ -19,13 +32,9 @@ def _seed():
 @pytest.fixture
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons; in-process training runs each need fresh ones."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="session")

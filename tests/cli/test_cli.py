@@ -4,11 +4,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers.paths import REPO
+from helpers.scripts import example_main
 from PIL import Image
 
 from ldm_diffusers.cli import main
@@ -35,6 +35,7 @@ def test_generate_writes_a_grid_per_prompt_and_batch(text_model, tmp_path):
     assert Image.open(single).tobytes() == Image.open(again).tobytes()  # seeded
 
 
+@pytest.mark.slow
 def test_generate_class_model_and_help(tmp_path, capsys):
     from helpers.models import make_pipe
 
@@ -60,14 +61,11 @@ def test_generate_class_model_and_help(tmp_path, capsys):
     assert all(command in listing for command in ("generate", "train ", "train-autoencoder", "evaluate-autoencoder"))
 
 
-def test_evaluate_script_reports_sample_metrics(text_model, emoji16_tiny, tmp_path):
+def test_evaluate_script_reports_sample_metrics(text_model, emoji16_tiny, tmp_path, monkeypatch):
     out = tmp_path / "metrics.json"
-    cmd = [sys.executable, str(REPO / "examples" / "evaluate.py"), "--model", str(text_model), "--train_data_dir",
-           str(emoji16_tiny), "--resolution", "32", "--num_images", "8", "--batch_size", "4", "--steps", "2", "--out", str(out)]
-    env = {"PYTHONPATH": str(REPO / "src"), "LDM_DIFFUSERS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("LDM_DIFFUSERS_CACHE", str(tmp_path / "cache"))
+    example_main("evaluate.py")(["--model", str(text_model), "--train_data_dir", str(emoji16_tiny), "--resolution", "32",
+                                 "--num_images", "8", "--batch_size", "4", "--steps", "2", "--out", str(out)])
     metrics = json.loads(out.read_text())
     assert metrics["num_generated"] == metrics["num_real"] == 8
     assert metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1

@@ -6,6 +6,7 @@ from PIL import Image
 
 from ldm_diffusers.data import build_emoji_dataset, parse_emoji_test, pil_to_tensor, render_emoji, tensor_to_pil
 from ldm_diffusers.data.emoji import EMOJI_TEST_PATH
+from ldm_diffusers.data.transforms import load_image_splits, split_folders
 
 SAMPLE = """# group: Smileys & Emotion
 
@@ -61,6 +62,14 @@ def test_built_dataset_loads_with_datasets_and_split_is_deterministic(emoji16, t
     assert row["text"] == f"an emoji of {row['name']}"
     assert info["groups"][row["group_id"]] == row["group"]
     assert info["subgroups"][row["subgroup_id"]] == row["subgroup"]
+    # load_image_splits names the split folders for datasets instead of letting it infer them: the same splits
+    train, validation = load_image_splits(train_data_dir=str(emoji16), resolution=16)
+    assert (train.num_rows, validation.num_rows) == (data["train"].num_rows, data["validation"].num_rows)
+    assert train.features == data["train"].features and train["name"] == data["train"]["name"]
+    assert split_folders(str(emoji16)) == {s: str(emoji16 / s / "**") for s in ("train", "validation")}
+    (tmp_path / "odd" / "train").mkdir(parents=True)
+    (tmp_path / "odd" / "extra").mkdir()
+    assert split_folders(str(tmp_path / "odd")) is None  # a folder that is no split: datasets infers the splits
     # a second build with the same settings reuses the folder; other settings refuse to overwrite it
     assert build_emoji_dataset(emoji16, resolution=16) == emoji16
     with pytest.raises(FileExistsError, match="overwrite"):

@@ -1,16 +1,14 @@
 """Pushing to a Hub over real HTTP: huggingface_hub's own upload code against the test write server
 (tests/helpers/hub_write_server.py), then pulling what was pushed from olah itself."""
 
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from helpers.local_hub import point_huggingface_hub_at
 from helpers.models import assert_same_weights, tiny_kl
-from helpers.paths import REPO
+from helpers.scripts import example_main, reset_accelerate_state
 from huggingface_hub import ModelCard
 
 from ldm_diffusers import LDMAutoencoderKL, LDMPipeline
@@ -81,20 +79,13 @@ def test_push_needs_a_token_and_an_existing_repo(writable_hub, monkeypatch):
         create_commit("org/never-created", [CommitOperationAdd("a.txt", b"a")], commit_message="x")
 
 
-def _run_script(script: str, args: list[str], **env_changes):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", **env_changes)
-    env = {k: v for k, v in env.items() if v is not None}
-    result = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def _repo_files(writable_hub, repo_id: str) -> list[str]:
     return subprocess.run(["git", "ls-tree", "-r", "--name-only", "main"], cwd=writable_hub.hub.repo_path(repo_id),
                           check=True, capture_output=True, text=True).stdout.split()
 
 
-def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, tmp_path, monkeypatch):
+def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, tmp_path, monkeypatch,
+                                                         fresh_accelerate_state):
     """Stage 1 trains and pushes its autoencoder; stage 2 trains on that autoencoder *from the Hub* and pushes
     the pipeline; both come back from olah with the weights the scripts saved."""
     from helpers.training import stage1_args as stage1_args
@@ -103,17 +94,20 @@ def test_training_scripts_push_and_the_pushes_pull_back(writable_hub, emoji16, t
     from ldm_diffusers import load_autoencoder
 
     ae_dir, ldm_dir = tmp_path / "stage1", tmp_path / "stage2"
-    _run_script("train_autoencoder.py", stage1_args(
+    monkeypatch.delenv("HF_TOKEN")  # the write server needs a token: the one given on the command line
+    example_main("train_autoencoder.py")(stage1_args(
         emoji16, ae_dir, "-f", "4", "--max_train_steps", "2", "--checkpointing_steps", "1", "--perceptual_loss",
         "none", "--skip_rfid", "--report_to", "none", "--push_to_hub", "--hub_model_id", "org/script-vae",
-        "--hub_token", "hf_given_on_the_command_line"), HF_TOKEN=None)  # the write server needs a token: this one
+        "--hub_token", "hf_given_on_the_command_line"))
     assert "hf_given_on_the_command_line" in writable_hub.tokens
     files = _repo_files(writable_hub, "org/script-vae")
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "eval_results.json"} <= set(files)
     assert not any(f.startswith("checkpoint-") for f in files)  # training state stays local
     assert writable_hub.validated[-1] == ([], [])  # the card's metadata passed the Hub's checks on upload
 
-    _run_script("train_text_to_image.py", stage2_args(
+    reset_accelerate_state()
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    example_main("train_text_to_image.py")(stage2_args(
         "org/script-vae", emoji16, ldm_dir, "--max_train_steps", "2", "--push_to_hub", "--hub_model_id",
         "org/script-ldm"))
     assert writable_hub.validated[-1] == ([], [])

@@ -59,6 +59,7 @@ def chaos(ctx, loop, argv, tmp_path, seed, cache=False):
     return ref_out, out, kills
 
 
+@pytest.mark.slow
 def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1, emoji16_tiny, tmp_path):
     argv = [
         "--pretrained_vae_model_name_or_path", str(stage1), "--train_data_dir", str(emoji16_tiny),
@@ -76,6 +77,7 @@ def test_stage2_with_latent_cache_survives_kill_9(ctx, stage1, emoji16_tiny, tmp
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(range(1, 17))
 
 
+@pytest.mark.slow
 def test_stage1_survives_kill_9(ctx, emoji16_tiny, tmp_path):
     argv = [
         "--train_data_dir", str(emoji16_tiny), "--resolution", "16", "--base_channels", "8", "--norm_num_groups", "4",

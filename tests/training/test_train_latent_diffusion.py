@@ -202,6 +202,7 @@ def _finish(launched: subprocess.Popen) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_matches_one_process(stage1, emoji16, tmp_path):
     """accelerate launch --num_processes 2 (gloo on CPU) with batch 2 per process = 1 process with batch 4.
 

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from helpers.paths import REPO
 
 CODE = """
@@ -22,6 +24,7 @@ print(ldm_diffusers.LDMPipeline.from_pretrained("builtin:emoji-text-to-image").m
 """
 
 
+@pytest.mark.slow
 def test_a_wheel_installed_elsewhere_writes_model_cards(tmp_path):
     source = tmp_path / "source"  # what the wheel is built from: the package's files, not the checkout's outputs
     source.mkdir()

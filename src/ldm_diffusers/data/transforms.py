@@ -55,6 +55,24 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
+def split_folders(root: str) -> dict[str, str] | None:
+    """``{split: "root/<folder>/**"}`` where every sub-folder of ``root`` is a split folder datasets' imagefolder
+    recognises (``train``, ``validation``, ``val``, ``test``, ...), else None. Given as ``data_files`` these give
+    the splits datasets would infer, without its inference globbing the whole tree once per candidate pattern
+    (about 40: 3.2 s instead of 0.7 s for the 3,655 built-in emoji files)."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    folders = {entry.name for entry in os.scandir(root) if entry.is_dir()}
+    files = {}
+    for split, keywords in SPLIT_KEYWORDS.items():
+        found = [name for name in keywords if name in folders]
+        if len(found) > 1:
+            return None
+        if found:
+            files[str(split)] = os.path.join(root, found[0], "**")
+    return files if "train" in files and len(files) == len(folders) else None
+
+
 def load_image_splits(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -78,7 +96,8 @@ def load_image_splits(
 
             data = load_from_disk(train_data_dir)
         else:
-            data = load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir)
+            data = load_dataset("imagefolder", data_files=split_folders(train_data_dir), data_dir=train_data_dir,
+                                cache_dir=cache_dir)
     elif dataset_name in (None, "emoji", "builtin:emoji"):
         data = load_emoji_dataset(resolution=resolution)
     elif dataset_name in ("emoji-scenes", "builtin:emoji-scenes"):
