@@ -6,8 +6,8 @@ applies an FSDP launch config only on accelerator devices: with ``ACCELERATE_USE
 launcher written by :func:`_fsdp_launcher` lifts that one gate (the distributed type accelerate would have set on a
 GPU, and the device ``cpu`` instead of ``cpu:0``, which FSDP1 rejects as a mismatch), then runs the training script
 unchanged; everything else (wrapping, sharded checkpoints, the FSDP optimiser state) is accelerate's and torch's
-own code. Like the DDP test in training/test_train_latent_diffusion.py it trains in float64, so that the FSDP-vs-DDP
-tolerance is a bound and not a guess (see the test's docstring).
+own code. The same runs prove DDP equal to one process. Everything trains in float64, so that the tolerances are
+bounds and not guesses (see the tests' docstrings).
 """
 
 import os
@@ -62,13 +62,15 @@ def tiny_args(stage1, data_dir, out, *extra):
     ]
 
 
-def _launch(launcher: Path, args, *accelerate_args) -> subprocess.Popen:
-    """Two CPU processes (gloo, one thread each) on a port of their own, so that two launches can run side by side."""
+def _launch(launcher: Path, args, *accelerate_args, processes: int = 2) -> subprocess.Popen:
+    """CPU processes (gloo, one thread each) on a port of their own, so that two launches can run side by side.
+    Several CPU processes need torchrun's launcher (``--multi_gpu`` or an FSDP config) with ``ACCELERATE_USE_CPU=1``,
+    which makes accelerate use the gloo backend; ``--cpu`` alone starts one process."""
     from helpers.local_hub import free_port
 
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(launcher), str(TRAIN_SCRIPT), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -116,7 +118,62 @@ def _flat(tree, prefix=""):
             yield from _flat(value, f"{prefix}/{i}")
 
 
-def test_fsdp_resumes_exactly_and_exports_the_ddp_pipeline(stage1, emoji16_tiny, tmp_path):
+STEPS, LR, EPS = 4, 1e-4, 1e-8
+# float64 (see the tests' docstrings): a gradient differs by at most ~1e-12 between reduction orders, Adam turns that
+# into at most lr / eps * 1e-12 per step
+TOLERANCE = STEPS * LR / EPS * 1e-12
+
+
+@pytest.fixture(scope="module")
+def runs(stage1, emoji16_tiny, tmp_path_factory) -> dict[str, Path]:
+    """The same 4 float64 steps of 4 images each (checkpoints at 2 and 4), side by side in pairs: FSDP and DDP on
+    2 processes of 2 images; then FSDP again from FSDP's step-2 checkpoint, and 1 process of 4 images."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    launcher = tmp / "train_float64.py"
+    launcher.write_text(LAUNCHER)
+    common = ["--max_train_steps", str(STEPS), "--checkpointing_steps", str(STEPS // 2), "--learning_rate", str(LR),
+              "--adam_epsilon", str(EPS)]
+    out = {name: tmp / name for name in ("fsdp", "ddp", "fsdp-resumed", "one")}
+    first = [_launch(launcher, tiny_args(stage1, emoji16_tiny, out["fsdp"], *common), "--config_file", str(FSDP_CONFIG)),
+             _launch(launcher, tiny_args(stage1, emoji16_tiny, out["ddp"], *common), "--multi_gpu")]
+    out["fsdp-output"], out["ddp-output"] = _finish(first[0]), _finish(first[1])
+    half = out["fsdp"] / f"checkpoint-{STEPS // 2}"
+    out["fsdp-resumed"].mkdir()
+    shutil.copytree(half, out["fsdp-resumed"] / half.name)
+    second = [_launch(launcher, tiny_args(stage1, emoji16_tiny, out["fsdp-resumed"], *common, "--resume_from_checkpoint",
+                                          "latest"), "--config_file", str(FSDP_CONFIG)),
+              _launch(launcher, tiny_args(stage1, emoji16_tiny, out["one"], *common, "--train_batch_size", "4"), "--cpu",
+                      processes=1)]
+    out["resumed-output"], out["one-output"] = _finish(second[0]), _finish(second[1])
+    return out
+
+
+def test_two_process_cpu_run_matches_one_process(runs):
+    """accelerate launch --num_processes 2 (gloo on CPU) with batch 2 per process = 1 process with batch 4.
+
+    The two runs sum the same per-example gradients in another order (two means all-reduced vs one mean), so they
+    can only agree up to rounding; Adam then divides by sqrt(v) + eps and turns a rounding difference in a gradient
+    near zero into a difference of up to lr per step. Both runs therefore train in float64 (the script is unchanged;
+    the launcher sets torch's default dtype): a gradient differs by at most ~n * 1.1e-16 * sum|g_i| with n <= 1e4
+    terms per reduction here, so below 1e-12, and Adam changes the update by at most lr / eps times that, so the
+    weights after ``steps`` steps differ by at most steps * lr / eps * 1e-12 = 4 * 1e-4 / 1e-8 * 1e-12 = 4e-8 (this
+    bound is the tolerance). Observed: ~1e-15, seven orders of magnitude below it.
+    """
+    assert "2 processes (DistributedType.MULTI_CPU)" in runs["ddp-output"]
+    assert "1 process (DistributedType.NO)" in runs["one-output"]
+    one, two = read_log(runs["one"]), read_log(runs["ddp"])
+    assert len(one) == len(two) == STEPS
+    np.testing.assert_allclose([r["loss"] for r in one], [r["loss"] for r in two], rtol=1e-12)
+    last = f"checkpoint-{STEPS}"
+    wa, wb = load_file(runs["one"] / last / "model.safetensors"), load_file(runs["ddp"] / last / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(value.dtype == torch.float64 for value in wa.values())
+    worst = max((wa[key] - wb[key]).abs().max().item() for key in wa)
+    print(f"two-process vs one-process weights: max difference {worst:.3g}, tolerance {TOLERANCE:.3g}")
+    assert worst <= TOLERANCE
+
+
+def test_fsdp_resumes_exactly_and_exports_the_ddp_pipeline(runs, tmp_path):
     """4 steps under FSDP (checkpoint at step 2) and under DDP side by side, then FSDP again from the step-2 checkpoint.
 
     Resume: the same processes, threads and reduction order redo the same float operations, so the resumed run must
@@ -134,27 +191,14 @@ def test_fsdp_resumes_exactly_and_exports_the_ddp_pipeline(stage1, emoji16_tiny,
     The pipeline is saved in float32: rounding adds at most one float32 ulp, 2^-23 |w| (rtol 2^-22 covers a
     binade edge). Observed: ~1e-16 in float64, equal in float32.
     """
-    steps, lr, eps = 4, 1e-4, 1e-8
-    tolerance = steps * lr / eps * 1e-12
-    launcher = tmp_path / "train_fsdp_cpu.py"
-    launcher.write_text(LAUNCHER)
-    common = ["--max_train_steps", str(steps), "--checkpointing_steps", str(steps // 2), "--learning_rate", str(lr),
-              "--adam_epsilon", str(eps)]
-    full, ddp, cut = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "fsdp-resumed"
-    runs = [_launch(launcher, tiny_args(stage1, emoji16_tiny, full, *common), "--config_file", str(FSDP_CONFIG)),
-            _launch(launcher, tiny_args(stage1, emoji16_tiny, ddp, *common), "--multi_gpu")]
-    assert "2 processes (DistributedType.FSDP)" in _finish(runs[0])
-    assert "2 processes (DistributedType.MULTI_CPU)" in _finish(runs[1])
-
+    steps, tolerance = STEPS, TOLERANCE
+    full, ddp, cut = runs["fsdp"], runs["ddp"], runs["fsdp-resumed"]
+    assert "2 processes (DistributedType.FSDP)" in runs["fsdp-output"]
     # the checkpoint at step 2 is sharded: one torch.distributed.checkpoint file per process
     half = full / f"checkpoint-{steps // 2}"
     assert len(list((half / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     assert len(list((half / "optimizer_0").glob("*.distcp"))) == 2
-    cut.mkdir()
-    shutil.copytree(half, cut / half.name)
-    resumed = _finish(_launch(launcher, tiny_args(stage1, emoji16_tiny, cut, *common, "--resume_from_checkpoint",
-                                                  "latest"), "--config_file", str(FSDP_CONFIG)))
-    assert f"Resumed from {cut / half.name}" in resumed
+    assert f"Resumed from {cut / half.name}" in runs["resumed-output"]
 
     # resume == uninterrupted, bit for bit
     last = f"checkpoint-{steps}"
