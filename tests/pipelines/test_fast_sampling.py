@@ -48,8 +48,17 @@ def test_a_new_shape_compiles_once_and_disable_goes_back_to_eager(compiled):
     pipe.enable_fast_sampling()
 
 
-def openvino_check(cache: str) -> None:
-    """The OpenVINO backend on a tiny pipeline (run in a subprocess by the test below)."""
+def openvino_check(cache: str, folder: str) -> None:
+    """The OpenVINO backend on a tiny pipeline, and ``generate --fast`` choosing it (run in a subprocess by the test
+    below, as OpenVINO's thread pool must not see the test process fork DataLoader workers later)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from ldm_diffusers.cli import main
+
     pipe = make_pipe("class", "kl")
     kwargs = dict(class_labels=[1, 3], num_inference_steps=3, guidance_scale=2.0, output_type="pt")
     eager = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
@@ -62,6 +71,16 @@ def openvino_check(cache: str) -> None:
     assert any(Path(cache).iterdir())  # compiled blobs on disk, for later processes
     with pytest.raises(ValueError, match="backend must be one of"):
         pipe.enable_fast_sampling(backend="tensorrt")
+    # the command line's --fast picks OpenVINO where it is installed (the test extra installs it) and says why
+    pipe.save_pretrained(folder)
+    command = ["generate", "--model", folder, "--class_labels", "0", "3", "--steps", "2"]
+    main([*command, "--out", f"{folder}/eager.png"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main([*command, "--out", f"{folder}/fast.png", "--fast"])
+    assert "fast sampling with openvino: OpenVINO is installed" in printed.getvalue()
+    eager, fast = (np.asarray(Image.open(f"{folder}/{name}.png"), dtype=np.int16) for name in ("eager", "fast"))
+    assert np.abs(eager - fast).max() <= 1  # compiled: the same image up to float32 rounding at a uint8 boundary
 
 
 def test_openvino_backend_gives_the_eager_images_and_caches_its_graphs(tmp_path):
@@ -70,7 +89,7 @@ def test_openvino_backend_gives_the_eager_images_and_caches_its_graphs(tmp_path)
     cache = tmp_path / "ov-cache"
     env = {**os.environ, "LDM_DIFFUSERS_OPENVINO_CACHE": str(cache),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")])}
-    code = f"import test_fast_sampling as t; t.openvino_check({str(cache)!r})"
+    code = f"import test_fast_sampling as t; t.openvino_check({str(cache)!r}, {str(tmp_path / 'class')!r})"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
