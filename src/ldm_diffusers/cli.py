@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 from .conditioning import mode_named, modes
+from .pretrained import DEFAULT_MODEL, MODELS, PREFIX
 from .utils.arguments import check_model_path, int_type, non_negative_float, positive_int
+
+BUILTINS = ", ".join(PREFIX + name for name in MODELS)  # the emoji models that ship with the package, one per mode
 
 
 def _build_emoji(argv):
@@ -53,9 +56,8 @@ def generate_parser() -> argparse.ArgumentParser:
         description="Sample images from a trained LDMPipeline (local folder or Hub id) and save them as one grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="builtin:emoji-text-to-image",
-                   help="LDMPipeline folder, Hub id, or a built-in model (the emoji text-to-image LDM that ships "
-                        "with the package).")
+    p.add_argument("--model", default=PREFIX + DEFAULT_MODEL,
+                   help=f"LDMPipeline folder, Hub id, or a built-in model ({BUILTINS}).")
     p.add_argument("--out", default="samples.png", help="Output PNG (a grid when several images).")
     g = p.add_argument_group("conditioning inputs (one mode's; the model decides which it takes)")
     for mode in modes():
@@ -220,7 +222,8 @@ def _upscale(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("image", help="The low-resolution image file.")
-    p.add_argument("--model", required=True, help="Super-resolution LDMPipeline folder or Hub id.")
+    p.add_argument("--model", default=PREFIX + "emoji-super-resolution",
+                   help="Super-resolution LDMPipeline folder or Hub id (default: the built-in emoji model, 4x).")
     p.add_argument("--out", default="upscaled.png", help="Output image file.")
     p.add_argument("--steps", type=positive_int, default=100, help="DDIM steps (CompVis' notebook: 100).")
     p.add_argument("--eta", type=non_negative_float, default=1.0, help="DDIM eta (CompVis' notebook: 1).")
@@ -365,8 +368,8 @@ def _demo(argv):
         "command that reproduces each result.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default="builtin:emoji-text-to-image",
-                   help="LDMPipeline folder, Hub id, or a built-in model.")
+    p.add_argument("--model", default=PREFIX + DEFAULT_MODEL,
+                   help=f"LDMPipeline folder, Hub id, or a built-in model ({BUILTINS}).")
     p.add_argument("--port", type=int_type(1, 65535), default=7860, help="Port on 127.0.0.1 to serve it on.")
     p.add_argument("--share", action="store_true", help="Also serve it through a public gradio.live link.")
     p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",

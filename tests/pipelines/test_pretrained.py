@@ -1,4 +1,4 @@
-"""The emoji text-to-image pipeline that ships inside the package."""
+"""The emoji pipelines that ship inside the package: text-to-image, and one per other mode."""
 
 import configparser
 import fnmatch
@@ -12,16 +12,21 @@ from safetensors import safe_open
 
 from ldm_diffusers import LDMPipeline
 from ldm_diffusers.cli import main
-from ldm_diffusers.pretrained import pretrained_model_path
+from ldm_diffusers.pretrained import (MODELS, SHARED_AUTOENCODER, pretrained_components, pretrained_model_path,
+                                      pretrained_root)
 
 
 def test_shipped_weights_are_small_half_precision_safetensors():
     folder = pretrained_model_path()
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert {p.parent.name for p in folder.rglob("*.safetensors")} == {"unet", "vae", "text_encoder"}
+    for name in MODELS[1:]:  # the other modes' models take the shared autoencoder
+        assert not (pretrained_model_path(name) / "vae").exists()
+        assert pretrained_components(pretrained_model_path(name)) == {"vae": pretrained_root() / SHARED_AUTOENCODER}
+    files = [p for p in pretrained_root().rglob("*") if p.is_file() and "__pycache__" not in p.parts
+             and p.suffix != ".py"]
     weights = [p for p in files if p.suffix == ".safetensors"]
-    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    assert sum(p.stat().st_size for p in weights) < 60 * 2**20
+    assert sum(p.stat().st_size for p in weights) < 100 * 2**20  # all built-in models together
     for path in weights:
         with safe_open(str(path), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
@@ -30,7 +35,7 @@ def test_shipped_weights_are_small_half_precision_safetensors():
     config.read(REPO / "setup.cfg")
     patterns = [p.strip() for p in config["options.package_data"]["ldm_diffusers.pretrained"].split(",")]
     for path in files:
-        rel = path.relative_to(folder.parent).as_posix()
+        rel = path.relative_to(pretrained_root()).as_posix()
         assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
 
 
@@ -71,3 +76,26 @@ def test_model_card_metadata_and_numbers():
     assert (REPO / "model_cards" / "ldm-emoji-text-to-image-samples.png").is_file()
     size_mb = sum(p.stat().st_size for p in pretrained_model_path().rglob("*.safetensors")) / 1e6
     assert f"{size_mb:.1f} MB" in card.text  # the card states the shipped size
+
+
+def emoji(name: str, size: int) -> torch.Tensor:
+    """A real emoji rendered at ``size``, [1, 3, size, size] in [0, 1]."""
+    from ldm_diffusers.data import pil_to_tensor, render_emoji
+
+    return (pil_to_tensor(render_emoji(name, size), size)[None] + 1) / 2
+
+
+def test_builtin_super_resolution_upscales_its_input():
+    pipe = LDMPipeline.from_pretrained("builtin:emoji-super-resolution")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.mode.name == "super_resolution" and pipe.vae_scale_factor == 4
+    low, other = emoji("\N{RED APPLE}", 16), emoji("\N{GRINNING FACE}", 16)
+    out = pipe(image=low * 2 - 1, num_inference_steps=10, output_type="pt",  # tensors in [-1, 1]
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 64, 64)
+    bicubic = lambda x: torch.nn.functional.interpolate(x, scale_factor=4, mode="bicubic").clamp(0, 1)  # noqa: E731
+    # the 64x64 result is an upscaled apple: nearer the apple's bicubic upsampling and its 64x64 rendering than
+    # another emoji's (measured: 0.076 against 0.153, and 0.070 against 0.17)
+    assert (out - bicubic(low)).abs().mean() < (out - bicubic(other)).abs().mean()
+    apple, face = emoji("\N{RED APPLE}", 64), emoji("\N{GRINNING FACE}", 64)
+    assert (out - apple).abs().mean() < (out - face).abs().mean()

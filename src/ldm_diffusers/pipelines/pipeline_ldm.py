@@ -30,9 +30,9 @@ from huggingface_hub import create_repo
 
 from ..conditioning import UNCONDITIONAL, Conditioning, ConditioningMode, input_names, mode_named, mode_of, modes
 from ..conditioning.base import is_int, is_real, shown
-from ..models.autoencoders import latent_scaling_factor
+from ..models.autoencoders import latent_scaling_factor, load_autoencoder
 from ..models.unet import unet_cross_attends
-from ..pretrained import pretrained_model_path
+from ..pretrained import pretrained_components, pretrained_model_path
 from ..utils.attention import require_xformers
 from ..utils.hub_download import download_pipeline
 from ..utils.model_files import check_not_being_written, missing_local_folder
@@ -114,6 +114,8 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         index = json.loads(index_file.read_text())
         if "vqvae" in index:
             return cls(**diffusers_ldm_components(folder, index, dtype, cls._optional_components, kwargs))
+        for name, path in pretrained_components(folder).items():  # a built-in's shared autoencoder
+            kwargs.setdefault(name, load_autoencoder(path, torch_dtype=dtype))
         kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(folder, dtype=dtype, **kwargs)
 

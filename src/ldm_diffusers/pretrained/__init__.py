@@ -1,9 +1,14 @@
 """Trained pipelines that ship inside the package (safetensors, float16), usable offline.
 
-``emoji-text-to-image``: a text-to-image LDM (KL-f4 autoencoder + UNet + jointly trained text transformer)
-trained with this package's scripts on the built-in 64x64 emoji dataset; model card in
-``model_cards/ldm-emoji-text-to-image.md``. Load it with
-``LDMPipeline.from_pretrained("builtin:emoji-text-to-image")`` or ``pretrained_model_path()``.
+* ``emoji-text-to-image``: a text-to-image LDM (KL-f4 autoencoder + UNet + jointly trained text transformer);
+* ``emoji-super-resolution``: 16x16 -> 64x64 (the low-resolution image concatenated to z_t);
+* ``emoji-inpainting``: fills the masked part of a 64x64 image (masked-image latents + mask concatenated);
+* ``emoji-class``: class-conditional on the nine emoji groups, their names stored with the model;
+
+all trained with this package's scripts on the built-in 64x64 emoji dataset, on a CPU; model cards in
+``model_cards/``. The last three share one KL-f4 autoencoder, ``emoji-kl-f4``, stored once: their folders have
+no ``vae/``, and :func:`pretrained_components` names the shared one. Load them with
+``LDMPipeline.from_pretrained("builtin:emoji-super-resolution")`` etc.
 """
 
 from __future__ import annotations
@@ -11,8 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 
 PREFIX = "builtin:"
-MODELS = ("emoji-text-to-image",)
+MODELS = ("emoji-text-to-image", "emoji-super-resolution")
 DEFAULT_MODEL = MODELS[0]
+SHARED_AUTOENCODER = "emoji-kl-f4"
+
+
+def pretrained_root() -> Path:
+    """The folder holding the built-in models."""
+    return Path(__file__).resolve().parent
 
 
 def pretrained_model_path(name: str = DEFAULT_MODEL) -> Path:
@@ -20,7 +31,15 @@ def pretrained_model_path(name: str = DEFAULT_MODEL) -> Path:
     name = name[len(PREFIX):] if name.startswith(PREFIX) else name
     if name not in MODELS:
         raise ValueError(f"Unknown built-in model '{name}'; built-in models: {', '.join(PREFIX + m for m in MODELS)}.")
-    folder = Path(__file__).resolve().parent / name
+    folder = pretrained_root() / name
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"The built-in model's files are missing from '{folder}'; reinstall ldm-diffusers.")
     return folder
+
+
+def pretrained_components(folder: Path) -> dict[str, Path]:
+    """Components a built-in pipeline folder takes from elsewhere: ``{"vae": <shared autoencoder folder>}`` where
+    the folder has no ``vae/`` of its own, else nothing."""
+    if (folder / "vae").is_dir() or folder.parent != pretrained_root():
+        return {}
+    return {"vae": pretrained_root() / SHARED_AUTOENCODER}
