@@ -46,7 +46,7 @@ def super_resolution(pipe, real, args) -> tuple[dict, dict[str, torch.Tensor], t
     low = SuperResolutionMode().cache_inputs({"pixel_values": real * 2 - 1}, TrainingColumns(downsampling_factor=f))["low_res"]
     low = (low + 1) / 2  # a user's numpy image in [0, 1]
     fake, seconds = generate_images(pipe, [{"image": low[i].permute(1, 2, 0).numpy()} for i in range(len(real))],
-                                    args.batch_size, args.steps, 1.0, args.seed)
+                                    args.batch_size, args.steps, 1.0, args.seed, eta=args.eta)
     bicubic = F.interpolate(low, scale_factor=f, mode="bicubic", align_corners=False).clamp(0, 1)
     results = {"input_size": list(low.shape[-2:]), "seconds_per_image": seconds}
     for name, images in (("model", fake), ("bicubic", bicubic)):
@@ -70,7 +70,7 @@ def inpainting(pipe, real, args) -> tuple[dict, dict[str, torch.Tensor], torch.T
     masks = torch.stack([torch.from_numpy(random_inpainting_mask(res, res, np.random.default_rng([args.seed, i])))
                          for i in range(n)])[:, None]
     conditions = [{"image": real[i].permute(1, 2, 0).numpy(), "mask_image": masks[i]} for i in range(n)]
-    fake, seconds = generate_images(pipe, conditions, args.batch_size, args.steps, 1.0, args.seed)
+    fake, seconds = generate_images(pipe, conditions, args.batch_size, args.steps, 1.0, args.seed, eta=args.eta)
     baseline = telea(real, masks)
     results = {"mask_fraction": float(masks.mean()), "seconds_per_image": seconds}
     for name, images in (("model", fake), ("telea", baseline)):
@@ -119,7 +119,7 @@ def class_conditional(pipe, real, args, train_rows, val_rows) -> tuple[dict, lis
     real_accuracy = float((predict(real) == torch.tensor(val_rows[column])).float().mean())
     wanted = torch.arange(classes).repeat_interleave(args.per_class)
     fake, seconds = generate_images(pipe, [{"class_labels": int(c)} for c in wanted], args.batch_size, args.steps,
-                                    args.guidance_scale, args.seed)
+                                    args.guidance_scale, args.seed, eta=args.eta)
     named = (predict(fake) == wanted).float()
     per_class = {pipe.class_embedder.class_name(c): float(named[wanted == c].mean()) for c in range(classes)}
     results = {"probe_accuracy_on_samples": float(named.mean()), "chance": 1 / classes,
@@ -133,7 +133,8 @@ def main(argv=None) -> None:
     p.add_argument("mode", choices=["super_resolution", "inpainting", "class"])
     p.add_argument("--model", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 0).")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps.")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (CompVis' super-resolution notebook: 1, 100 steps).")
     p.add_argument("--num_images", type=int, default=None, help="Validation images (default: all 343).")
     p.add_argument("--per_class", type=int, default=40, help="Class mode: samples per class.")
     p.add_argument("--guidance_scale", type=float, default=3.0, help="Class mode.")
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
         for name, images in outputs.items():  # the model and the baseline against the same real features
             results[name].update(feature_metrics(real_features, extract_features(images, desc=f"features ({name})")))
         rows = [inputs[:8], *(images[:8] for images in outputs.values()), real[:8]]
-    results.update(mode=args.mode, model_path=str(args.model), steps=args.steps, images=len(real))
+    results.update(mode=args.mode, model_path=str(args.model), steps=args.steps, eta=args.eta, images=len(real))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     grid = make_image_grid(tensor_to_pil(torch.cat(rows) * 2 - 1), rows=len(rows), cols=rows[0].shape[0])

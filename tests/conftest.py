@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,12 +47,27 @@ def stage1(tmp_path_factory):
     return path
 
 
+def shared_path(tmp_path_factory, name: str, build) -> Path:
+    """``<run's temporary folder>/name``, made by ``build(path)`` once per test run: under pytest-xdist the first
+    worker to need it builds it (the others wait on a file lock) and every worker reads it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def emoji16(tmp_path_factory):
-    """The real built-in dataset at 16x16 (renders in a few seconds)."""
+    """The real built-in dataset at 16x16 (renders in a few seconds; once per test run)."""
     from ldm_diffusers.data import build_emoji_dataset
 
-    return build_emoji_dataset(tmp_path_factory.mktemp("data") / "emoji16", resolution=16)
+    return shared_path(tmp_path_factory, "emoji16", lambda path: build_emoji_dataset(path, resolution=16))
 
 
 @pytest.fixture(scope="session")
@@ -111,16 +127,19 @@ COMPVIS_FIXTURES = COMPVIS_FIXTURES
 def compvis_checkpoints(tmp_path_factory):
     """model.ckpt of every CompVis fixture (tests/fixtures/compvis), written by the fixtures' own materialize.py in
     two subprocesses (one per core; it registers a stand-in Lightning module to pickle the callback, which this
-    process must not see). Returns the folder holding <name>.ckpt."""
+    process must not see); once per test run. Returns the folder holding <name>.ckpt."""
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("compvis")
-    names = sorted(p.name for p in COMPVIS_FIXTURES.iterdir() if (p / "meta.json").is_file())
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import materialize\n"
-            "for name in sys.argv[3:]: materialize.materialize(f'{sys.argv[1]}/{name}', f'{sys.argv[2]}/{name}.ckpt')")
-    workers = [subprocess.Popen([sys.executable, "-c", code, str(COMPVIS_FIXTURES), str(out), *names[i::2]])
-               for i in range(2)]
-    assert [w.wait(timeout=900) for w in workers] == [0, 0]
+    def build(out: Path) -> None:
+        out.mkdir()
+        names = sorted(p.name for p in COMPVIS_FIXTURES.iterdir() if (p / "meta.json").is_file())
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import materialize\n"
+                "for name in sys.argv[3:]: materialize.materialize(f'{sys.argv[1]}/{name}', f'{sys.argv[2]}/{name}.ckpt')")
+        workers = [subprocess.Popen([sys.executable, "-c", code, str(COMPVIS_FIXTURES), str(out), *names[i::2]])
+                   for i in range(2)]
+        assert [w.wait(timeout=900) for w in workers] == [0, 0]
+
+    out = shared_path(tmp_path_factory, "compvis", build)
     assert "pytorch_lightning" not in sys.modules
     return out

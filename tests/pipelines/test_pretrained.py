@@ -66,16 +66,22 @@ def test_unknown_builtin_name_is_a_clear_error():
         LDMPipeline.from_pretrained("builtin:nope")
 
 
-def test_model_card_metadata_and_numbers():
+TASKS = {"emoji-text-to-image": "text-to-image", "emoji-super-resolution": "image-to-image",
+         "emoji-inpainting": "image-to-image", "emoji-class": "unconditional-image-generation"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_card_metadata_and_numbers(name):
     from huggingface_hub import ModelCard
 
-    card = ModelCard.load(REPO / "model_cards" / "ldm-emoji-text-to-image.md")
+    card = ModelCard.load(REPO / "model_cards" / f"ldm-{name}.md")
     data = card.data
-    assert data.library_name == "diffusers" and data.license == "apache-2.0" and data.pipeline_tag == "text-to-image"
+    assert data.library_name == "diffusers" and data.license == "apache-2.0" and data.pipeline_tag == TASKS[name]
     assert {"ldm-diffusers", "diffusers:LDMPipeline"} <= set(data.tags)
-    assert (REPO / "model_cards" / "ldm-emoji-text-to-image-samples.png").is_file()
-    size_mb = sum(p.stat().st_size for p in pretrained_model_path().rglob("*.safetensors")) / 1e6
+    assert (REPO / "model_cards" / f"ldm-{name}-samples.png").is_file()
+    size_mb = sum(p.stat().st_size for p in pretrained_model_path(name).rglob("*.safetensors")) / 1e6
     assert f"{size_mb:.1f} MB" in card.text  # the card states the shipped size
+    assert "CPU hours" in card.text and "RESULTS_TABLE" not in card.text
 
 
 def emoji(name: str, size: int) -> torch.Tensor:

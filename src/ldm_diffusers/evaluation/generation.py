@@ -14,9 +14,11 @@ from .precision_recall import precision_recall
 
 @torch.no_grad()
 def generate_images(pipe, conditions: list[dict], batch_size: int = 16, num_inference_steps: int = 50,
-                    guidance_scale: float = 1.0, seed: int = 0, show_progress: bool = True) -> tuple[torch.Tensor, float]:
+                    guidance_scale: float = 1.0, seed: int = 0, show_progress: bool = True,
+                    **call_kwargs) -> tuple[torch.Tensor, float]:
     """Images [N, 3, H, W] in [0, 1], one per entry of ``conditions`` (pipeline call inputs for one image,
-    e.g. ``{"prompt": "..."}``; ``{}`` for unconditional), and the seconds per image."""
+    e.g. ``{"prompt": "..."}``; ``{}`` for unconditional), and the seconds per image. ``call_kwargs`` go to every
+    pipeline call (``eta=1.0``, ...)."""
     pipe.set_progress_bar_config(disable=True)
     out, start = [], time.perf_counter()
     for i in tqdm(range(0, len(conditions), batch_size), desc="sampling", disable=not show_progress):
@@ -29,7 +31,7 @@ def generate_images(pipe, conditions: list[dict], batch_size: int = 16, num_infe
             inputs = {"batch_size": len(chunk)}
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         images = pipe(**inputs, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      generator=generator, output_type="pt").images
+                      generator=generator, output_type="pt", **call_kwargs).images
         out.append(images.float().cpu())
     images = torch.cat(out)
     return images, (time.perf_counter() - start) / max(len(images), 1)
