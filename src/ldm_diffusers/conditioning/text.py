@@ -16,11 +16,13 @@ empty prompt padded the same way.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from ..utils.arguments import int_type, positive_int
+from ..utils.hub_download import download_model_files
 from . import widgets
 from .base import Conditioning, ConditioningMode, Encoders, shown
 
@@ -48,13 +50,25 @@ def bert_tokenizer(path: str | None = None):
     return AutoTokenizer.from_pretrained(path or minilm_path())
 
 
-def load_frozen_text_encoder(path: str | None = None, tokenizer_path: str | None = None):
-    """(tokenizer, encoder) of a pretrained ``transformers`` text model, frozen; default MiniLM. ``tokenizer_path``:
-    where the tokenizer is, when not beside the encoder (a Stable-Diffusion-layout folder's ``tokenizer/``)."""
+def load_frozen_text_encoder(path: str | None = None, tokenizer_path: str | None = None,
+                             subfolder: str | None = None):
+    """(tokenizer, encoder) of a pretrained ``transformers`` text model, frozen; default MiniLM.
+
+    ``path`` is the encoder's folder or Hub id, or a diffusers pipeline (a folder with ``text_encoder/``, or a Hub
+    id with ``subfolder="text_encoder"``), as diffusers' training scripts take them: the encoder is then read from
+    ``text_encoder/`` and the tokenizer from ``tokenizer/`` beside it. ``tokenizer_path``: the tokenizer's own
+    folder or id, which wins over the one beside the encoder."""
     path = path or minilm_path()
-    encoder = AutoModel.from_pretrained(path).eval()
+    if not os.path.isdir(path):  # a Hub id: its files first (as the pipeline loads Hub repositories)
+        path = str(download_model_files(path, [subfolder or ""] + (["tokenizer"] if subfolder == "text_encoder" else [])))
+    if subfolder is None and os.path.isdir(os.path.join(path, "text_encoder")):
+        subfolder = "text_encoder"
+    encoder = AutoModel.from_pretrained(path, subfolder=subfolder or "").eval()
     encoder.requires_grad_(False)
-    return AutoTokenizer.from_pretrained(tokenizer_path or path), encoder
+    if tokenizer_path:
+        return AutoTokenizer.from_pretrained(tokenizer_path), encoder
+    pipeline_layout = subfolder == "text_encoder" and os.path.isdir(os.path.join(path, "tokenizer"))
+    return AutoTokenizer.from_pretrained(path, subfolder="tokenizer" if pipeline_layout else subfolder or ""), encoder
 
 
 def build_text_transformer(
@@ -167,9 +181,15 @@ class TextMode(ConditioningMode):
         group.add_argument("--text_encoder", choices=["transformer", "frozen"], default="transformer",
                            help="'transformer': a BERT-style transformer trained jointly (the paper); 'frozen': a "
                                 "pretrained transformers encoder (--text_encoder_name_or_path, default the offline MiniLM).")
-        group.add_argument("--text_encoder_name_or_path", default=None, help="Frozen text encoder folder (default MiniLM).")
+        group.add_argument("--text_encoder_name_or_path", default=None,
+                           help="Frozen text encoder: its folder or Hub id, or a diffusers pipeline's (its text_encoder/ "
+                                "and tokenizer/ are used; default MiniLM).")
+        group.add_argument("--text_encoder_subfolder", default=None,
+                           help="Subfolder of --text_encoder_name_or_path holding the encoder (a Hub pipeline: "
+                                "'text_encoder'; local pipeline folders are recognised by themselves).")
         group.add_argument("--tokenizer_name_or_path", default=None,
-                           help="Tokenizer (default: the frozen encoder's own, else BERT WordPiece from MiniLM).")
+                           help="Tokenizer folder or Hub id (default: the frozen encoder's own, else BERT WordPiece "
+                                "from MiniLM).")
         group.add_argument("--text_encoder_layers", type=positive_int, default=4)
         group.add_argument("--text_encoder_heads", type=positive_int, default=4)
         group.add_argument("--max_prompt_length", type=int_type(3, 512), default=MAX_LENGTH,
@@ -185,7 +205,8 @@ class TextMode(ConditioningMode):
     def build_encoders(self, args, train_ds, vae):
         parts = Encoders()
         if args.text_encoder == "frozen":
-            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path, args.tokenizer_name_or_path)
+            tokenizer, encoder = load_frozen_text_encoder(args.text_encoder_name_or_path, args.tokenizer_name_or_path,
+                                                          args.text_encoder_subfolder)
             parts.frozen["text_encoder"] = encoder
         else:
             tokenizer = bert_tokenizer(args.tokenizer_name_or_path)

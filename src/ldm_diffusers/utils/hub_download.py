@@ -125,3 +125,15 @@ def download_pipeline(repo_id: str, ignore_patterns: list[str], revision: str | 
                 "only: pickle weights are not downloaded)."
             )
         return folder
+
+
+# a transformers model's config, safetensors weights and tokenizer files (no pickles, no other frameworks' weights)
+MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")
+
+
+def download_model_files(repo_id: str, subfolders: list[str], revision: str | None = None) -> Path:
+    """``snapshot_download`` of the config, safetensors and tokenizer files in ``subfolders`` of ``repo_id`` (``""``:
+    the top level), returning the local folder; errors as in :func:`hub_download_errors`."""
+    patterns = [f"{sub}/{p}" if sub else p for sub in subfolders for p in MODEL_FILES]
+    with hub_download_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
