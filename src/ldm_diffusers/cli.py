@@ -71,7 +71,8 @@ def generate_parser() -> argparse.ArgumentParser:
                         "to guide against (prompts, classes with a null class), else 1.")
     p.add_argument("--scheduler", choices=sorted(SAMPLERS) + ["model"], default="dpm++",
                    help="Sampler, on the model's own noise schedule ('model': the model's own scheduler as saved).")
-    p.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta.")
+    p.add_argument("--eta", type=non_negative_float, default=None,
+                   help="DDIM eta (default: the model's mode's: 1 for super-resolution as CompVis' notebook, else 0).")
     p.add_argument("--seed", type=int_type(0, 2**64 - 1), default=0)
     p.add_argument("--height", type=positive_int, default=None, help="A multiple of the autoencoder's f.")
     p.add_argument("--width", type=positive_int, default=None, help="A multiple of the autoencoder's f.")

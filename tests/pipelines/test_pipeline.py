@@ -376,10 +376,13 @@ def test_loads_diffusers_super_resolution_ldm_layout(tmp_path):
     pipe = LDMPipeline.from_pretrained(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     low = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    # the stock pipeline's default eta is 0; ours, for super-resolution, CompVis' 1: compared at eta 0
     theirs = stock(image=low, num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="np").images
-    ours = run(pipe, seed=3, image=low)
+    ours = run(pipe, seed=3, image=low, eta=0.0)
     assert ours.shape == theirs.shape == (1, 128, 128, 3)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)  # the stock pipeline normalises the image in another order
+    np.testing.assert_array_equal(run(pipe, seed=3, image=low), run(pipe, seed=3, image=low, eta=1.0))
+    assert np.abs(run(pipe, seed=3, image=low) - ours).max() > 1e-3  # eta matters: the default is not 0
 
 
 def test_hub_ids_are_downloaded_then_loaded_without_remote_code(tmp_path, monkeypatch):

@@ -138,6 +138,7 @@ class ConditioningMode:
     usage: str = ""  # one line of Python that samples a pipeline of this mode (the model card's example)
     default_dataset: str = "emoji"  # the training set when neither --dataset_name nor --train_data_dir is given
     noise_schedule: str = "unconditional"  # the beta preset (ldm_diffusers.schedulers.LDM_SCHEDULES)
+    default_eta: float = 0.0  # DDIM's eta when a call gives none
     compvis_cond_stage_key: str | None = None  # CompVis LatentDiffusion's cond_stage_key; None: no CompVis model
 
     @property

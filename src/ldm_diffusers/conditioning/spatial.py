@@ -66,6 +66,7 @@ class SuperResolutionMode(ConditioningMode):
     conditioned_on = "a low-resolution image"
     usage = "image = pipe(image=low_res_image).images[0]"
     compvis_cond_stage_key = "LR_image"
+    default_eta = 1.0  # CompVis' super-resolution notebook samples with DDIM eta 1 (deterministic DDIM speckles)
 
     def recognises(self, pipe):
         return concat_channels(pipe) == pipe.vae.config.in_channels and not conditioning_encoders(pipe)

@@ -2,7 +2,7 @@
 files it reads) that makes the same images again.
 
 The call is the one ``ldm-diffusers generate`` makes (one CPU generator seeded with the seed for the whole batch,
-``num_images_per_prompt`` = the number of images, eta 0, the model's default size), so the command reproduces
+``num_images_per_prompt`` = the number of images, the mode's eta, the model's default size), so the command reproduces
 the demo's images; for inpainting the demo then pastes the unmasked part of the user's image back over the
 result, which the command does not (inside the mask both are the same).
 """
@@ -63,7 +63,7 @@ def run(pipe, scheduler, inputs: dict, settings: Settings, on_step: Callable[[in
 
     return pipe(**inputs, num_images_per_prompt=settings.num_images if inputs else 1,
                 batch_size=settings.num_images, num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale, eta=0.0,
+                guidance_scale=settings.guidance_scale, eta=None,
                 generator=torch.Generator("cpu").manual_seed(settings.seed),
                 callback_on_step_end=step_done if on_step and step_done else None).images
 

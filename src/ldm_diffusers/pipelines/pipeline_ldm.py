@@ -379,7 +379,7 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
-        eta: float = 0.0,
+        eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         num_images_per_prompt: int = 1,
@@ -396,8 +396,9 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         ``prompt`` (+ ``negative_prompt``), ``class_labels``, ``layout`` (list of (class, (x0, y0, x1, y1))),
         ``image`` (super-resolution), ``image`` + ``mask_image`` (inpainting), ``segmentation_map``, or the inputs of
         a mode registered with ``ldm_diffusers.register_mode`` (``mode_inputs``). ``guidance_scale`` > 1 turns on
-        classifier-free guidance; ``output_type``: pil, np, pt or latent. ``tile_size`` / ``tile_stride`` (pixels):
-        tiled sampling for this call (see ``enable_tiled_sampling``)."""
+        classifier-free guidance; ``eta``: DDIM's noise (default: the mode's, 1 for super-resolution as CompVis'
+        notebook, else 0); ``output_type``: pil, np, pt or latent. ``tile_size`` / ``tile_stride`` (pixels): tiled
+        sampling for this call (see ``enable_tiled_sampling``)."""
         unknown = sorted(set(mode_inputs) - set(input_names()))
         if unknown:
             raise TypeError(f"LDMPipeline.__call__() got unexpected keyword argument(s) {unknown}; the conditioning "
@@ -406,10 +407,11 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
             "prompt": prompt, "negative_prompt": negative_prompt, "class_labels": class_labels, "layout": layout,
             "image": image, "mask_image": mask_image, "segmentation_map": segmentation_map, **mode_inputs,
         }
-        self.check_inputs(values, height, width, num_inference_steps, guidance_scale, eta, generator, latents,
-                          num_images_per_prompt, batch_size, output_type, callback_on_step_end,
+        self.check_inputs(values, height, width, num_inference_steps, guidance_scale, 0.0 if eta is None else eta,
+                          generator, latents, num_images_per_prompt, batch_size, output_type, callback_on_step_end,
                           callback_on_step_end_tensor_inputs)
         mode = self.select_mode(values)
+        eta = mode.default_eta if eta is None else eta
         mode.check_inputs(self, values)
         f = self.vae_scale_factor
         if latents is not None and latents.ndim == 4 and height is None and width is None:
