@@ -21,6 +21,7 @@ assert str(here).startswith(sys.prefix), (here, sys.prefix)  # the installed cop
 vae = LDMAutoencoderKL.from_downsampling_factor(4, base_channels=8, channel_multipliers=[1, 1, 1], norm_num_groups=4)
 print(component_model_card(vae, "org/tiny-vae").data.to_dict()["library_name"])
 print(ldm_diffusers.LDMPipeline.from_pretrained("builtin:emoji-text-to-image").mode.name)
+print(ldm_diffusers.LDMPipeline.from_pretrained("builtin:emoji-super-resolution").mode.name)  # the shared vae too
 """
 
 
@@ -43,4 +44,4 @@ def test_a_wheel_installed_elsewhere_writes_model_cards(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(python), "-c", CODE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["diffusers", "text"]
+    assert done.stdout.split() == ["diffusers", "text", "super_resolution"]
