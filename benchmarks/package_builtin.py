@@ -3,6 +3,8 @@ when that autoencoder is the package's shared one (``pretrained/emoji-kl-f4``), 
 
     python benchmarks/package_builtin.py outputs/builtin/super_resolution emoji-super-resolution
     python benchmarks/package_builtin.py benchmarks/results/stage1_cpu_v2/vae emoji-kl-f4 --autoencoder
+A model kept to be trained further goes elsewhere with ``--into`` (without the shared autoencoder, which
+``pretrained_components`` then does not supply: copy it back as ``vae/`` before loading).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ def main(argv=None) -> None:
     p.add_argument("source", type=Path, help="A saved pipeline (or, with --autoencoder, an autoencoder) folder.")
     p.add_argument("name", help="The built-in name (a folder of src/ldm_diffusers/pretrained).")
     p.add_argument("--autoencoder", action="store_true", help="Package the shared autoencoder itself.")
+    p.add_argument("--into", type=Path, default=PACKAGE,
+                   help="Folder to write NAME into (default: the package's; another keeps a model to continue).")
     a = p.parse_args(argv)
-    target = PACKAGE / a.name
+    target = a.into / a.name
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if a.autoencoder:

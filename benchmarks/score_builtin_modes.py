@@ -110,13 +110,13 @@ def class_conditional(pipe, real, args, train_rows, val_rows) -> tuple[dict, lis
     train = load_pixels(train_rows, args.resolution)
     train_features = pooled_features(train)
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
-    probe = linear_probe((train_features - mean) / std, torch.tensor(train_rows[column]), classes)
+    probe = linear_probe((train_features - mean) / std, torch.tensor(list(train_rows.with_format(None)[column])), classes)
 
     def predict(images):
         with torch.no_grad():
             return probe((pooled_features(images) - mean) / std).argmax(1)
 
-    real_accuracy = float((predict(real) == torch.tensor(val_rows[column])).float().mean())
+    real_accuracy = float((predict(real) == torch.tensor(list(val_rows.with_format(None)[column]))).float().mean())
     wanted = torch.arange(classes).repeat_interleave(args.per_class)
     fake, seconds = generate_images(pipe, [{"class_labels": int(c)} for c in wanted], args.batch_size, args.steps,
                                     args.guidance_scale, args.seed, eta=args.eta)
