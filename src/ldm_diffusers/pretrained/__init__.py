@@ -2,12 +2,10 @@
 
 * ``emoji-text-to-image``: a text-to-image LDM (KL-f4 autoencoder + UNet + jointly trained text transformer);
 * ``emoji-super-resolution``: 16x16 -> 64x64 (the low-resolution image concatenated to z_t);
-* ``emoji-inpainting``: fills the masked part of a 64x64 image (masked-image latents + mask concatenated);
-* ``emoji-class``: class-conditional on the nine emoji groups, their names stored with the model;
 
-all trained with this package's scripts on the built-in 64x64 emoji dataset, on a CPU; model cards in
-``model_cards/``. The last three share one KL-f4 autoencoder, ``emoji-kl-f4``, stored once: their folders have
-no ``vae/``, and :func:`pretrained_components` names the shared one. Load them with
+both trained with this package's scripts on the built-in 64x64 emoji dataset, on a CPU; model cards in
+``model_cards/``. Models of the other modes take the shared KL-f4 autoencoder ``emoji-kl-f4``, stored once: their
+folders have no ``vae/``, and :func:`pretrained_components` names the shared one. Load them with
 ``LDMPipeline.from_pretrained("builtin:emoji-super-resolution")`` etc.
 """
 
