@@ -396,9 +396,8 @@ class LDMPipeline(TiledSamplingMixin, DiffusionPipeline):
         ``prompt`` (+ ``negative_prompt``), ``class_labels``, ``layout`` (list of (class, (x0, y0, x1, y1))),
         ``image`` (super-resolution), ``image`` + ``mask_image`` (inpainting), ``segmentation_map``, or the inputs of
         a mode registered with ``ldm_diffusers.register_mode`` (``mode_inputs``). ``guidance_scale`` > 1 turns on
-        classifier-free guidance; ``eta``: DDIM's noise (default: the mode's, 1 for super-resolution as CompVis'
-        notebook, else 0); ``output_type``: pil, np, pt or latent. ``tile_size`` / ``tile_stride`` (pixels): tiled
-        sampling for this call (see ``enable_tiled_sampling``)."""
+        classifier-free guidance; ``eta``: DDIM's noise (default: the mode's, 1 for super-resolution, else 0);
+        ``output_type``: pil, np, pt or latent; ``tile_size`` / ``tile_stride`` (pixels): see enable_tiled_sampling."""
         unknown = sorted(set(mode_inputs) - set(input_names()))
         if unknown:
             raise TypeError(f"LDMPipeline.__call__() got unexpected keyword argument(s) {unknown}; the conditioning "
