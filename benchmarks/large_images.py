@@ -111,7 +111,7 @@ def run(variant: str, weights: Path, size: int, steps: int, timeout: float) -> d
     cmd = [sys.executable, __file__, "--child", variant, "--weights", str(weights), "--sizes", str(size),
            "--steps", str(steps)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)  # exit code read below
     except subprocess.TimeoutExpired:
         return {"variant": variant, "low_res": size, "failed": f"over {timeout:.0f} s"}
     if done.returncode != 0:

@@ -17,6 +17,7 @@ Writes FILE.json and a grid FILE.png (inputs / model / baseline / real). opencv-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -34,9 +35,15 @@ from ldm_diffusers.evaluation.generation import feature_metrics
 from ldm_diffusers.losses.perceptual import EfficientNetPerceptualLoss
 
 
+@functools.cache
+def perceptual_net() -> EfficientNetPerceptualLoss:
+    """The package's perceptual network (EfficientNet-Lite0), loaded once per run."""
+    return EfficientNetPerceptualLoss()
+
+
 def perceptual_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean EfficientNet-Lite0 feature distance of images in [0, 1]."""
-    net = EfficientNetPerceptualLoss()
+    net = perceptual_net()
     with torch.no_grad():
         return float(torch.cat([net(x * 2 - 1, y * 2 - 1).flatten() for x, y in zip(a.split(64), b.split(64))]).mean())
 
@@ -82,7 +89,7 @@ def inpainting(pipe, real, args) -> tuple[dict, dict[str, torch.Tensor], torch.T
 
 def pooled_features(images: torch.Tensor) -> torch.Tensor:
     """[N, C] global-average-pooled last-stage EfficientNet-Lite0 features of images in [0, 1]."""
-    net = EfficientNetPerceptualLoss()
+    net = perceptual_net()
     with torch.no_grad():
         return torch.cat([net.features(x * 2 - 1)[-1].mean(dim=(2, 3)) for x in images.split(64)])
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers.scripts import reset_accelerate_state
 from PIL import Image
 
 from ldm_diffusers.data.stream_source import INDEX_STRIDE, resolve_stream
@@ -129,7 +130,6 @@ def test_resume_continues_with_exactly_the_next_batch(parquet_dir, num_workers, 
 
 def test_accelerate_checkpoints_the_stream_position(parquet_dir, tmp_path, fresh_accelerate_state):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     shards = resolve_stream(parquet_dir)
     accelerator = Accelerator(cpu=True)
@@ -141,8 +141,7 @@ def test_accelerate_checkpoints_the_stream_position(parquet_dir, tmp_path, fresh
     expected = take(it, 5)
     it.close()
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True)
     resumed = loader_for(shards)
     accelerator.register_for_checkpointing(StreamCheckpoint(resumed))
